@@ -1,0 +1,1 @@
+"""jaxad: fast JAX/Flax anomaly detection for medical images."""
