@@ -1,0 +1,93 @@
+"""Host arrays for DDAD's one-class semi-supervised (OC-SSL) setting.
+
+`load(config.data, workdir)` builds the manifest of the configured layout,
+prepares it once through the tfds builder (cached as array_record) and reads
+the three splits back through their data sources, so what is trained on is
+exactly what is cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from jaxad.data import builder as builder_lib
+from jaxad.data import layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class OneClassData:
+  """uint8 images for the one-class semi-supervised setting.
+
+  Attributes:
+    name: e.g. "embedded/kermany_cxr64", or the basename of data.root.
+    normal: [N0, S, S, 1] uint8 known normals.
+    unlabeled: [NU, S, S, 1] uint8 unlabeled pool (may be [0, S, S, 1]).
+    unlabeled_labels: [NU] int32 ground truth of the pool, for reporting only.
+    test: [NT, S, S, 1] uint8 test images, normals first.
+    test_labels: [NT] int32, 0 normal, 1 abnormal.
+    test_names: the NT test image names, in order.
+  """
+
+  name: str
+  normal: np.ndarray
+  unlabeled: np.ndarray
+  unlabeled_labels: np.ndarray
+  test: np.ndarray
+  test_labels: np.ndarray
+  test_names: tuple[str, ...]
+
+
+def prepare(data: Any, workdir: str) -> builder_lib.OneClassDataset:
+  """Builds the layout's manifest and prepares it (once; then cached).
+
+  Args:
+    data: the `data` config (format, root, image_size, split parameters,
+      cache_dir).
+    workdir: the run's directory (a drawn split is kept in split.json there).
+
+  Returns:
+    The prepared tfds builder.
+  """
+  manifest = layouts.build(data, workdir)
+  return builder_lib.prepare(manifest, layouts.get(data, "cache_dir", ""))
+
+
+def load(data: Any, workdir: str) -> OneClassData:
+  """Prepares (once, cached) and reads a layout into host arrays.
+
+  Args:
+    data: the `data` config; see `prepare`.
+    workdir: the run's directory.
+
+  Returns:
+    The known normals, unlabeled pool and test split as [N, S, S, 1] uint8.
+  """
+  builder = prepare(data, workdir)
+  normal = builder_lib.read_split(builder, "normal")
+  unlabeled = builder_lib.read_split(builder, "unlabeled")
+  test = builder_lib.read_split(builder, "test")
+  out = OneClassData(
+    name=builder.manifest.name,
+    normal=normal["image"],
+    unlabeled=unlabeled["image"],
+    unlabeled_labels=unlabeled["label"],
+    test=test["image"],
+    test_labels=test["label"],
+    test_names=test["name"],
+  )
+  logging.info(
+    "Loaded %s: %d known normals, %d unlabeled (%d abnormal), %d test"
+    " (%d abnormal), images %s",
+    out.name,
+    len(out.normal),
+    len(out.unlabeled),
+    int(out.unlabeled_labels.sum()),
+    len(out.test),
+    int(out.test_labels.sum()),
+    out.test.shape[1:],
+  )
+  return out

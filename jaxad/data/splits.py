@@ -1,0 +1,183 @@
+"""The seeded one-class semi-supervised (OC-SSL) split and its split.json.
+
+Layouts without a shipped split (`folders`, `medmnist`) draw one: of the train
+normals, `normal_num` go to the unlabeled pool together with `abnormal_num`
+train abnormals, and the rest are the known normals. The draw is written to
+`WORKDIR/split.json` so that it can be inspected and so that a resumed run sees
+exactly the same split.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from jaxad.data import manifest
+
+SPLIT_FILE = "split.json"
+
+
+def unlabeled_counts(
+  unlabeled_size: int, anomaly_rate: float
+) -> tuple[int, int]:
+  """How DDAD sizes the unlabeled pool.
+
+  Args:
+    unlabeled_size: total pool size (the original's `extra_data`).
+    anomaly_rate: fraction of abnormal images (`ar`).
+
+  Returns:
+    (normal_num, abnormal_num) with abnormal_num = int(size * rate).
+  """
+  if unlabeled_size < 0:
+    raise manifest.DataError(
+      f"data.unlabeled_size must be >= 0, got {unlabeled_size}"
+    )
+  if not 0.0 <= anomaly_rate <= 1.0:
+    raise manifest.DataError(
+      f"data.anomaly_rate must be in [0, 1], got {anomaly_rate}"
+    )
+  abnormal_num = int(unlabeled_size * anomaly_rate)
+  return unlabeled_size - abnormal_num, abnormal_num
+
+
+def draw(
+  normals: collections.abc.Sequence[Any],
+  abnormals: collections.abc.Sequence[Any],
+  *,
+  unlabeled_size: int,
+  anomaly_rate: float,
+  seed: int,
+  what: str,
+) -> dict[str, Any]:
+  """Draws the OC-SSL split of a train set.
+
+  Args:
+    normals: train normal ids (file names or indices), in a fixed order.
+    abnormals: train abnormal ids, in a fixed order.
+    unlabeled_size: size of the unlabeled pool.
+    anomaly_rate: fraction of abnormal images in the pool.
+    seed: seed of `np.random.default_rng`.
+    what: the dataset, for error messages.
+
+  Returns:
+    {"normal": [ids], "unlabeled": {"0": [ids], "1": [ids]}}, each list in
+    the order of the inputs.
+
+  Raises:
+    DataError: when the pool needs more images than there are, or would leave
+      no known normals.
+  """
+  normal_num, abnormal_num = unlabeled_counts(unlabeled_size, anomaly_rate)
+  if normal_num >= len(normals):
+    raise manifest.DataError(
+      f"{what}: unlabeled_size={unlabeled_size} at anomaly_rate={anomaly_rate}"
+      f" needs {normal_num} train normals for the unlabeled pool, but there"
+      f" are only {len(normals)} and at least one must stay a known normal"
+    )
+  if abnormal_num > len(abnormals):
+    raise manifest.DataError(
+      f"{what}: unlabeled_size={unlabeled_size} at anomaly_rate={anomaly_rate}"
+      f" needs {abnormal_num} train abnormals, but there are only"
+      f" {len(abnormals)}"
+    )
+  rng = np.random.default_rng(seed)
+  # Sorted picks keep split.json in input order, which makes it easy to read.
+  pick_n = set(rng.choice(len(normals), normal_num, replace=False).tolist())
+  pick_a = np.sort(rng.choice(len(abnormals), abnormal_num, replace=False))
+  return {
+    "normal": [x for i, x in enumerate(normals) if i not in pick_n],
+    "unlabeled": {
+      "0": [normals[i] for i in sorted(pick_n)],
+      "1": [abnormals[i] for i in pick_a.tolist()],
+    },
+  }
+
+
+def resolve(
+  workdir: str,
+  params: dict[str, Any],
+  draw_fn: collections.abc.Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+  """Re-uses `WORKDIR/split.json` if present, else draws and writes it.
+
+  Args:
+    workdir: the run's directory.
+    params: what the split depends on (format, root, seed, sizes...).
+    draw_fn: makes the split dict (see `draw`) when there is none yet.
+
+  Returns:
+    The split dict, with "params" added.
+
+  Raises:
+    DataError: if an existing split.json is invalid or was drawn with other
+      parameters.
+  """
+  path = os.path.join(workdir, SPLIT_FILE)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        split = json.load(f)
+    except (OSError, ValueError) as e:
+      raise manifest.DataError(f"Cannot read {path}: {e}") from e
+    if not isinstance(split, dict) or "params" not in split:
+      raise manifest.DataError(f"{path}: missing key 'params'")
+    old = split["params"]
+    diff = {
+      k: (old.get(k), params.get(k))
+      for k in sorted(set(old) | set(params))
+      if old.get(k) != params.get(k)
+    }
+    if diff:
+      lines = ", ".join(
+        f"{k}: {a!r} in file, {b!r} in config" for k, (a, b) in diff.items()
+      )
+      raise manifest.DataError(
+        f"{path} was drawn with other parameters ({lines}). A resumed run"
+        " must keep its split: restore the config, or use a new workdir"
+        " (or delete split.json) to draw a new split."
+      )
+    logging.info("Re-using the one-class split in %s", path)
+    return split
+  split = {"params": params, **draw_fn()}
+  os.makedirs(workdir, exist_ok=True)
+  # Write then rename, so that a crash never leaves a half-written split.
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".split.", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(split, f, indent=1)
+  os.replace(tmp, path)
+  logging.info(
+    "Drew a one-class split (seed %s), wrote %s", params.get("split_seed"), path
+  )
+  return split
+
+
+def require(split: dict[str, Any], path: str, *keys: str) -> Any:
+  """`split[k0][k1]...`, with an error naming the missing key.
+
+  Args:
+    split: a parsed split.json or data.json.
+    path: its file, for the message.
+    *keys: the key path.
+
+  Returns:
+    The value, which must be a list.
+  """
+  value: Any = split
+  for i, k in enumerate(keys):
+    if not isinstance(value, dict) or k not in value:
+      where = "".join(f"[{x!r}]" for x in keys[: i + 1])
+      raise manifest.DataError(f"{path}: missing key {where}")
+    value = value[k]
+  if not isinstance(value, list):
+    where = "".join(f"[{x!r}]" for x in keys)
+    raise manifest.DataError(
+      f"{path}: {where} must be a list, got {type(value).__name__}"
+    )
+  return value
