@@ -1,0 +1,109 @@
+r"""Scores the test split with a trained state and writes WORKDIR/eval.json.
+
+  python -m jaxad.evaluate --config configs/ddad.py --workdir W
+
+restores the latest checkpoint in W (trained by `jaxad.train` with the same
+config) and re-scores without training. Writes:
+* `W/eval.json`: {"dataset", "num_normal", "num_abnormal",
+  "scores": {name: {"auroc", "ap"}}};
+* `W/scores.npz`: per-image scores, labels and names;
+* `W/maps.npz`: the pixel maps of every score, float16 [N, S, S].
+"""
+
+import importlib
+import json
+import os
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from absl import app, flags, logging
+
+from jaxad import checkpoint, cli, metrics, sharding
+from jaxad.data import oneclass
+
+
+def score_images(score_fn, state, images: np.ndarray, batch_size: int, mesh):
+  """Runs a jitted `score_fn(state, images)` over [N, S, S, 1] uint8 images.
+
+  The last batch is padded to the static batch size (one compile), and the
+  padding is dropped from the results.
+
+  Returns:
+    {"scores": {name: [N]}, "maps": {name: [N, S, S]}} as numpy arrays.
+  """
+  n = len(images)
+  sharding.check_batch(batch_size, mesh, "config.eval.batch_size")
+  data_sharding = sharding.batch_sharded(mesh)
+  chunks = []
+  for start in range(0, n, batch_size):
+    batch = images[start:start + batch_size]
+    pad = batch_size - len(batch)
+    if pad:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
+    chunks.append(score_fn(state, jax.device_put(batch, data_sharding)))
+  host = jax.device_get(chunks)
+  return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *host)
+
+
+def evaluate(config: mlc.ConfigDict, workdir: str, method, state,
+             data: oneclass.OneClassData, mesh) -> dict:
+  """Scores `data.test`, writes eval.json, scores.npz, maps.npz; returns
+  the eval.json content."""
+  score_fn = jax.jit(lambda s, x: method.score_fn(s, x, config=config))
+  out = score_images(score_fn, state, data.test, config.eval.batch_size, mesh)
+  labels = np.asarray(data.test_labels)
+  result = {
+    "dataset": data.name,
+    "num_normal": int(np.sum(labels == 0)),
+    "num_abnormal": int(np.sum(labels == 1)),
+    "scores": {k: metrics.image_metrics(v, labels)
+               for k, v in out["scores"].items()},
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    np.savez(os.path.join(workdir, "scores.npz"), labels=labels,
+             names=np.asarray(data.test_names), **out["scores"])
+    np.savez_compressed(os.path.join(workdir, "maps.npz"),
+                        **{k: v.astype(np.float16)
+                           for k, v in out["maps"].items()})
+  logging.info("Results on %s:\n%s", data.name, format_table(result))
+  return result
+
+
+def format_table(result: dict) -> str:
+  lines = [f"{'score':<10} {'AUROC':>7} {'AP':>7}"]
+  for name, m in result["scores"].items():
+    lines.append(f"{name:<10} {m['auroc']:>7.4f} {m['ap']:>7.4f}")
+  lines.append(f"({result['num_normal']} normal / {result['num_abnormal']} "
+               "abnormal test images)")
+  return "\n".join(lines)
+
+
+def restore(config: mlc.ConfigDict, workdir: str):
+  """Builds the method's state for `config` and restores W's checkpoint."""
+  mesh = sharding.make_mesh(config.mesh)
+  method = importlib.import_module(f"jaxad.methods.{config.method}")
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train "
+                            "first with python -m jaxad.train")
+  state = ckpt.restore_latest(method.init_state(config, mesh))
+  ckpt.close()
+  return method, state, mesh
+
+
+def main(argv):
+  del argv
+  config, workdir = cli.CONFIG.value, cli.WORKDIR.value
+  cli.setup_logging()
+  sharding.initialize_distributed()
+  method, state, mesh = restore(config, workdir)
+  evaluate(config, workdir, method, state, oneclass.load(config.data, workdir),
+           mesh)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,83 @@
+r"""Trains a method end to end, then evaluates it.
+
+  python -m jaxad.train --config configs/ddad.py --workdir W [--config.k=v]
+
+Re-running the same command resumes from the last checkpoint in W (after a
+crash or Ctrl-C) and ends with the same W/eval.json as an uninterrupted run.
+"""
+
+import importlib
+import json
+import os
+
+import ml_collections as mlc
+from absl import app, flags, logging
+
+from jaxad import checkpoint, cli, evaluate, loop, sharding
+from jaxad.data import oneclass
+
+# Keys that may change between a run and its resumption.
+_RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every")
+
+
+def _check_config(config: mlc.ConfigDict, workdir: str) -> None:
+  """Writes W/config.json, or checks that a resumed run uses the same one."""
+  path = os.path.join(workdir, "config.json")
+  flat = _flatten(json.loads(config.to_json()))
+  if os.path.exists(path):
+    with open(path) as f:
+      old = _flatten(json.load(f))
+    diff = sorted(k for k in set(old) | set(flat)
+                  if old.get(k) != flat.get(k) and k not in _RESUMABLE_CHANGES)
+    if diff:
+      raise ValueError(
+        f"{workdir} holds a run with a different config ({', '.join(diff)}: "
+        f"{[(old.get(k), flat.get(k)) for k in diff]}). Use a new --workdir, "
+        "or the same config to resume.")
+  with open(path, "w") as f:
+    json.dump(json.loads(config.to_json()), f, indent=2)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run(config: mlc.ConfigDict, workdir: str, *, on_step=None) -> dict:
+  """Trains (resuming if W has a checkpoint) and evaluates; returns eval.json.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  _check_config(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  method = importlib.import_module(f"jaxad.methods.{config.method}")
+  data = oneclass.load(config.data, workdir)
+  logging.info("Data %s: %d known normal, %d unlabeled, %d test images",
+               data.name, len(data.normal), len(data.unlabeled),
+               len(data.test))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    state = ckpt.restore_latest(method.init_state(config, mesh))
+    state = loop.train(
+      state, method.phases(config, data, mesh), workdir=workdir,
+      checkpointer=ckpt, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every, on_step=on_step)
+  finally:
+    ckpt.close()
+  return evaluate.evaluate(config, workdir, method, state, data, mesh)
+
+
+def main(argv):
+  del argv
+  cli.setup_logging()
+  sharding.initialize_distributed()
+  run(cli.CONFIG.value, cli.WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
