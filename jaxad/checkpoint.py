@@ -21,8 +21,9 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 2):
     self._manager = ocp.CheckpointManager(
       os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           create=True),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True
+      ),
     )
 
   def latest_step(self) -> int | None:
@@ -40,11 +41,14 @@ class Checkpointer:
     tree = flax.serialization.to_state_dict(template)
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree)
+      tree,
+    )
     restored = self._manager.restore(
-      step, args=ocp.args.StandardRestore(abstract))
-    logging.info("Restored checkpoint of step %d from %s", step,
-                 self._manager.directory)
+      step, args=ocp.args.StandardRestore(abstract)
+    )
+    logging.info(
+      "Restored checkpoint of step %d from %s", step, self._manager.directory
+    )
     return flax.serialization.from_state_dict(template, restored)
 
   def wait(self) -> None:

@@ -7,17 +7,20 @@ from ml_collections import config_flags
 
 # lock_config: a misspelt --config.key override is an error, not a new key.
 CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. configs/ddad.py[:arg].", lock_config=True)
-WORKDIR = flags.DEFINE_string("workdir", None,
-                              "Run directory: checkpoints, logs, eval.json.")
+  "config", None, "Config file, e.g. configs/ddad.py[:arg].", lock_config=True
+)
+WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Run directory: checkpoints, logs, eval.json."
+)
 
 
 class _DropLibraryInfo(logging_std.Filter):
   """Drops INFO lines of orbax (dozens per checkpoint) and tfds."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    noisy = ("/orbax/" in record.pathname
-             or "/tensorflow_datasets/" in record.pathname)
+    noisy = (
+      "/orbax/" in record.pathname or "/tensorflow_datasets/" in record.pathname
+    )
     return record.levelno >= logging_std.WARNING or not noisy
 
 

@@ -18,8 +18,9 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     key, eq, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r} in {arg!r}; "
-                       f"known: {sorted(defaults)}")
+      raise ValueError(
+        f"Unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}"
+      )
     default = defaults[key]
     if not eq:
       result[key] = True

@@ -37,7 +37,7 @@ def score_images(score_fn, state, images: np.ndarray, batch_size: int, mesh):
   data_sharding = sharding.batch_sharded(mesh)
   chunks = []
   for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
+    batch = images[start : start + batch_size]
     pad = batch_size - len(batch)
     if pad:
       batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
@@ -46,8 +46,14 @@ def score_images(score_fn, state, images: np.ndarray, batch_size: int, mesh):
   return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *host)
 
 
-def evaluate(config: mlc.ConfigDict, workdir: str, method, state,
-             data: oneclass.OneClassData, mesh) -> dict:
+def evaluate(
+  config: mlc.ConfigDict,
+  workdir: str,
+  method,
+  state,
+  data: oneclass.OneClassData,
+  mesh,
+) -> dict:
   """Scores `data.test`, writes eval.json, scores.npz, maps.npz; returns
   the eval.json content."""
   score_fn = jax.jit(lambda s, x: method.score_fn(s, x, config=config))
@@ -57,17 +63,23 @@ def evaluate(config: mlc.ConfigDict, workdir: str, method, state,
     "dataset": data.name,
     "num_normal": int(np.sum(labels == 0)),
     "num_abnormal": int(np.sum(labels == 1)),
-    "scores": {k: metrics.image_metrics(v, labels)
-               for k, v in out["scores"].items()},
+    "scores": {
+      k: metrics.image_metrics(v, labels) for k, v in out["scores"].items()
+    },
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
-    np.savez(os.path.join(workdir, "scores.npz"), labels=labels,
-             names=np.asarray(data.test_names), **out["scores"])
-    np.savez_compressed(os.path.join(workdir, "maps.npz"),
-                        **{k: v.astype(np.float16)
-                           for k, v in out["maps"].items()})
+    np.savez(
+      os.path.join(workdir, "scores.npz"),
+      labels=labels,
+      names=np.asarray(data.test_names),
+      **out["scores"],
+    )
+    np.savez_compressed(
+      os.path.join(workdir, "maps.npz"),
+      **{k: v.astype(np.float16) for k, v in out["maps"].items()},
+    )
   logging.info("Results on %s:\n%s", data.name, format_table(result))
   return result
 
@@ -76,8 +88,10 @@ def format_table(result: dict) -> str:
   lines = [f"{'score':<10} {'AUROC':>7} {'AP':>7}"]
   for name, m in result["scores"].items():
     lines.append(f"{name:<10} {m['auroc']:>7.4f} {m['ap']:>7.4f}")
-  lines.append(f"({result['num_normal']} normal / {result['num_abnormal']} "
-               "abnormal test images)")
+  lines.append(
+    f"({result['num_normal']} normal / {result['num_abnormal']} "
+    "abnormal test images)"
+  )
   return "\n".join(lines)
 
 
@@ -87,8 +101,10 @@ def restore(config: mlc.ConfigDict, workdir: str):
   method = importlib.import_module(f"jaxad.methods.{config.method}")
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train "
-                            "first with python -m jaxad.train")
+    raise FileNotFoundError(
+      f"No checkpoint in {workdir}/checkpoints: train "
+      "first with python -m jaxad.train"
+    )
   state = ckpt.restore_latest(method.init_state(config, mesh))
   ckpt.close()
   return method, state, mesh
@@ -100,8 +116,9 @@ def main(argv):
   cli.setup_logging()
   sharding.initialize_distributed()
   method, state, mesh = restore(config, workdir)
-  evaluate(config, workdir, method, state, oneclass.load(config.data, workdir),
-           mesh)
+  evaluate(
+    config, workdir, method, state, oneclass.load(config.data, workdir), mesh
+  )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,11 @@ class NonFiniteError(FloatingPointError):
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(x.dtype, jnp.floating)]
+  flags = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
   return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
@@ -59,9 +62,14 @@ def _format_eta(seconds: float) -> str:
 
 
 def train(
-  state, phases: list[Phase], *, workdir: str,
-  checkpointer: checkpoint.Checkpointer, log_every: int,
-  checkpoint_every: int, on_step: Callable[[int], None] | None = None,
+  state,
+  phases: list[Phase],
+  *,
+  workdir: str,
+  checkpointer: checkpoint.Checkpointer,
+  log_every: int,
+  checkpoint_every: int,
+  on_step: Callable[[int], None] | None = None,
 ):
   """Runs the phases from `state.step` on; returns the final state.
 
@@ -75,16 +83,27 @@ def train(
   """
   total = sum(p.num_steps for p in phases)
   step = int(state.step)
+  # Member-images still to train after each phase, for the ETA.
+  after = [
+    sum(q.num_steps * q.member_images_per_step for q in phases[i + 1 :])
+    for i in range(len(phases))
+  ]
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   start = 0
   try:
-    for phase in phases:
+    for phase, later in zip(phases, after, strict=True):
       end = start + phase.num_steps
       if step >= end:
         start = end
         continue
-      logging.info("Phase %s: steps %d..%d of %d (%d member-images/step)",
-                   phase.name, step, end, total, phase.member_images_per_step)
+      logging.info(
+        "Phase %s: steps %d..%d of %d (%d member-images/step)",
+        phase.name,
+        step,
+        end,
+        total,
+        phase.member_images_per_step,
+      )
       pending, t_last, step_last = [], time.perf_counter(), step
       while step < end:
         state, metrics = phase.step_fn(state, phase.inputs)
@@ -94,26 +113,45 @@ def train(
           on_step(step)
         last = step == end
         if step % log_every == 0 or last:
-          _log(phase, step, total, pending, t_last, step_last, metrics_path,
-               checkpointer)
+          remaining = (end - step) * phase.member_images_per_step + later
+          _log(
+            phase,
+            step,
+            total,
+            remaining,
+            pending,
+            t_last,
+            step_last,
+            metrics_path,
+            checkpointer,
+          )
           pending, t_last, step_last = [], time.perf_counter(), step
         if step % checkpoint_every == 0 or last:
           _save(checkpointer, step, state)
       start = end
   except KeyboardInterrupt:
-    if (_alive(state) and int(state.step) == step
-        and step > (checkpointer.latest_step() or 0)):
+    if (
+      _alive(state)
+      and int(state.step) == step
+      and step > (checkpointer.latest_step() or 0)
+    ):
       _save(checkpointer, step, state)
       checkpointer.wait()
-    logging.warning("Interrupted at step %d; checkpoint kept in %s. Re-run "
-                    "the same command to resume.", step, workdir)
+    logging.warning(
+      "Interrupted at step %d; checkpoint kept in %s. Re-run "
+      "the same command to resume.",
+      step,
+      workdir,
+    )
     raise
   finally:
     checkpointer.wait()
   return state
 
 
-def _log(phase, step, total, pending, t_last, step_last, path, checkpointer):
+def _log(
+  phase, step, total, remaining, pending, t_last, step_last, path, checkpointer
+):
   host = jax.device_get(pending)  # the one host sync per log interval
   mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
   bad = {k: v for k, v in mean.items() if not np.isfinite(v)}
@@ -122,13 +160,21 @@ def _log(phase, step, total, pending, t_last, step_last, path, checkpointer):
       f"Non-finite metrics {bad} in phase {phase.name} by step {step}. "
       f"Training stopped; the last good checkpoint (step "
       f"{checkpointer.latest_step()}) is kept. Lower the learning rate or "
-      "check the input data.")
+      "check the input data."
+    )
   dt = time.perf_counter() - t_last
   rate = (step - step_last) * phase.member_images_per_step / max(dt, 1e-9)
-  eta = (total - step) * dt / max(step - step_last, 1)
+  eta = remaining / max(rate, 1e-9)
   losses = " ".join(f"{k}={v:.5f}" for k, v in mean.items() if "loss" in k)
-  logging.info("[%s] step %d/%d %s | %.0f member-img/s | ETA %s", phase.name,
-               step, total, losses, rate, _format_eta(eta))
+  logging.info(
+    "[%s] step %d/%d %s | %.0f member-img/s | ETA %s",
+    phase.name,
+    step,
+    total,
+    losses,
+    rate,
+    _format_eta(eta),
+  )
   record = dict(step=step, phase=phase.name, member_images_per_s=rate, **mean)
   if jax.process_index() == 0:
     with open(path, "a") as f:
@@ -139,5 +185,6 @@ def _save(checkpointer, step, state):
   if not bool(_all_finite(state)):
     raise NonFiniteError(
       f"The state became non-finite by step {step}; not saving it. The last "
-      f"good checkpoint (step {checkpointer.latest_step()}) is kept.")
+      f"good checkpoint (step {checkpointer.latest_step()}) is kept."
+    )
   checkpointer.save(step, state)

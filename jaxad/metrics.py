@@ -17,14 +17,19 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   scores = np.asarray(scores, np.float64)
   labels = np.asarray(labels)
   if scores.shape != labels.shape or scores.ndim != 1:
-    raise ValueError(f"scores {scores.shape} and labels {labels.shape} must "
-                     "be matching 1-d arrays")
+    raise ValueError(
+      f"scores {scores.shape} and labels {labels.shape} must "
+      "be matching 1-d arrays"
+    )
   if not np.all(np.isfinite(scores)):
-    raise ValueError(f"{int(np.sum(~np.isfinite(scores)))} scores are not "
-                     "finite")
+    raise ValueError(
+      f"{int(np.sum(~np.isfinite(scores)))} scores are not finite"
+    )
   if len(np.unique(labels)) != 2:
-    raise ValueError("AUROC needs both normal (0) and abnormal (1) samples, "
-                     f"got labels {np.unique(labels).tolist()}")
+    raise ValueError(
+      "AUROC needs both normal (0) and abnormal (1) samples, "
+      f"got labels {np.unique(labels).tolist()}"
+    )
   return {
     "auroc": float(skm.roc_auc_score(labels, scores)),
     "ap": float(skm.average_precision_score(labels, scores)),

@@ -31,11 +31,17 @@ def make_mesh(mesh_config: mlc.ConfigDict) -> jax.sharding.Mesh:
   if n == -1:
     n = jax.device_count()
   if n < 1 or jax.device_count() % n:
-    raise ValueError(f"config.mesh.data={mesh_config.data} does not divide "
-                     f"the {jax.device_count()} devices")
+    raise ValueError(
+      f"config.mesh.data={mesh_config.data} does not divide "
+      f"the {jax.device_count()} devices"
+    )
   # Auto axes: jit propagates shardings from the inputs and constraints.
-  return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (n,),
+    ("data",),
+    devices=jax.devices()[:n],
+    axis_types=(jax.sharding.AxisType.Auto,),
+  )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -50,5 +56,7 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 def check_batch(batch_size: int, mesh: jax.sharding.Mesh, key: str) -> None:
   n = mesh.shape["data"]
   if batch_size % n:
-    raise ValueError(f"{key}={batch_size} must be divisible by the {n} "
-                     f"devices of the mesh's data axis")
+    raise ValueError(
+      f"{key}={batch_size} must be divisible by the {n} "
+      f"devices of the mesh's data axis"
+    )

@@ -27,13 +27,17 @@ def _check_config(config: mlc.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
-    diff = sorted(k for k in set(old) | set(flat)
-                  if old.get(k) != flat.get(k) and k not in _RESUMABLE_CHANGES)
+    diff = sorted(
+      k
+      for k in set(old) | set(flat)
+      if old.get(k) != flat.get(k) and k not in _RESUMABLE_CHANGES
+    )
     if diff:
       raise ValueError(
         f"{workdir} holds a run with a different config ({', '.join(diff)}: "
         f"{[(old.get(k), flat.get(k)) for k in diff]}). Use a new --workdir, "
-        "or the same config to resume.")
+        "or the same config to resume."
+      )
   with open(path, "w") as f:
     json.dump(json.loads(config.to_json()), f, indent=2)
 
@@ -49,23 +53,31 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def run(config: mlc.ConfigDict, workdir: str, *, on_step=None) -> dict:
-  """Trains (resuming if W has a checkpoint) and evaluates; returns eval.json.
-  """
+  """Trains (resuming from W's checkpoint), evaluates; returns eval.json."""
   os.makedirs(workdir, exist_ok=True)
   _check_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
   method = importlib.import_module(f"jaxad.methods.{config.method}")
   data = oneclass.load(config.data, workdir)
-  logging.info("Data %s: %d known normal, %d unlabeled, %d test images",
-               data.name, len(data.normal), len(data.unlabeled),
-               len(data.test))
+  logging.info(
+    "Data %s: %d known normal, %d unlabeled, %d test images",
+    data.name,
+    len(data.normal),
+    len(data.unlabeled),
+    len(data.test),
+  )
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     state = ckpt.restore_latest(method.init_state(config, mesh))
     state = loop.train(
-      state, method.phases(config, data, mesh), workdir=workdir,
-      checkpointer=ckpt, log_every=config.train.log_every,
-      checkpoint_every=config.train.checkpoint_every, on_step=on_step)
+      state,
+      method.phases(config, data, mesh),
+      workdir=workdir,
+      checkpointer=ckpt,
+      log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every,
+      on_step=on_step,
+    )
   finally:
     ckpt.close()
   return evaluate.evaluate(config, workdir, method, state, data, mesh)

@@ -51,7 +51,11 @@ def to_unit_range(images: Array) -> Array:
 
 
 def reconstruction_loss(
-  out: Array, x: Array, attention: Array | None, *, backbone: str,
+  out: Array,
+  x: Array,
+  attention: Array | None,
+  *,
+  backbone: str,
   entropy_weight: float,
 ) -> Array:
   """Training loss of one member, METHODS.md 1.5.
@@ -77,7 +81,11 @@ def reconstruction_loss(
 
 
 def discrepancy_maps(
-  ndm_out: Array, udm_out: Array, x: Array, *, backbone: str,
+  ndm_out: Array,
+  udm_out: Array,
+  x: Array,
+  *,
+  backbone: str,
 ) -> dict[str, Array]:
   """Unrefined anomaly maps, METHODS.md 1.7 (higher = more anomalous).
 
@@ -112,9 +120,13 @@ def discrepancy_maps(
 def build_model(config: mlc.ConfigDict, rngs: nnx.Rngs):
   m = config.model
   return autoencoder.AutoEncoder(
-    backbone=m.backbone, image_size=config.data.image_size,
-    latent_size=m.latent_size, width=m.width, memory_slots=m.memory_slots,
-    upsample=m.upsample, rngs=rngs,
+    backbone=m.backbone,
+    image_size=config.data.image_size,
+    latent_size=m.latent_size,
+    width=m.width,
+    memory_slots=m.memory_slots,
+    upsample=m.upsample,
+    rngs=rngs,
   )
 
 
@@ -125,24 +137,30 @@ def member_strategy(config: mlc.ConfigDict) -> str:
   if strategy == "auto":
     return "unroll" if jax.default_backend() == "cpu" else "vmap"
   if strategy not in ("unroll", "vmap"):
-    raise ValueError("config.train.member_strategy must be auto, unroll or "
-                     f"vmap, got {strategy!r}")
+    raise ValueError(
+      "config.train.member_strategy must be auto, unroll or "
+      f"vmap, got {strategy!r}"
+    )
   return strategy
 
 
 def init_state(
-  config: mlc.ConfigDict, mesh: jax.sharding.Mesh,
+  config: mlc.ConfigDict,
+  mesh: jax.sharding.Mesh,
 ) -> TrainState:
   """K members per module, each with its own init key; replicated."""
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config,
-                                                               nnx.Rngs(0))))
+  graphdef = nnx.graphdef(
+    nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
+  )
   o = config.optim
   tx = optax.adam(o.lr, b1=o.b1, b2=o.b2)
 
   def init_member(key):
     model = build_model(config, nnx.Rngs(key))
-    return (nnx.state(model, nnx.Param).to_pure_dict(),
-            nnx.state(model, nnx.BatchStat).to_pure_dict())
+    return (
+      nnx.state(model, nnx.Param).to_pure_dict(),
+      nnx.state(model, nnx.BatchStat).to_pure_dict(),
+    )
 
   def init_module(keys):
     params, stats = jax.vmap(init_member)(keys)
@@ -152,12 +170,19 @@ def init_state(
   root = jax.random.key(config.seed)
   params, stats, opt = {}, {}, {}
   for i, module in enumerate(MODULES):
-    keys = jax.random.split(jax.random.fold_in(root, i),
-                            config.model.num_members)
+    keys = jax.random.split(
+      jax.random.fold_in(root, i), config.model.num_members
+    )
     params[module], stats[module], opt[module] = init(keys)
   step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  return TrainState(step=step, params=params, batch_stats=stats,
-                    opt_state=opt, graphdef=graphdef, tx=tx)
+  return TrainState(
+    step=step,
+    params=params,
+    batch_stats=stats,
+    opt_state=opt,
+    graphdef=graphdef,
+    tx=tx,
+  )
 
 
 # ----------------------------------------------------------------- train step
@@ -171,18 +196,21 @@ def _sample_batch(images, num, step, key, batch_size):
   """
   per_epoch = num // batch_size
   perm = jax.random.permutation(jax.random.fold_in(key, step // per_epoch), num)
-  idx = jax.lax.dynamic_slice_in_dim(perm, (step % per_epoch) * batch_size,
-                                     batch_size)
+  idx = jax.lax.dynamic_slice_in_dim(
+    perm, (step % per_epoch) * batch_size, batch_size
+  )
   return images[idx]  # (B, S, S, 1) uint8
 
 
-def _member_update(params, stats, opt_state, x, *, graphdef, tx, backbone,
-                   entropy_weight):
+def _member_update(
+  params, stats, opt_state, x, *, graphdef, tx, backbone, entropy_weight
+):
   def loss_fn(params):
     model = nnx.merge(graphdef, params, stats)
     out, attention = model(x, train=True)
-    loss = reconstruction_loss(out, x, attention, backbone=backbone,
-                               entropy_weight=entropy_weight)
+    loss = reconstruction_loss(
+      out, x, attention, backbone=backbone, entropy_weight=entropy_weight
+    )
     return loss, nnx.state(model, nnx.BatchStat).to_pure_dict()
 
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -201,9 +229,17 @@ def _over_members(fn, strategy, *trees):
 
 
 def train_step(
-  state: TrainState, images: Array, *, modules: tuple[str, ...],
-  num_images: dict[str, int], data_keys: dict[str, Array], batch_size: int,
-  backbone: str, entropy_weight: float, strategy: str, batch_sharding,
+  state: TrainState,
+  images: Array,
+  *,
+  modules: tuple[str, ...],
+  num_images: dict[str, int],
+  data_keys: dict[str, Array],
+  batch_size: int,
+  backbone: str,
+  entropy_weight: float,
+  strategy: str,
+  batch_sharding,
 ) -> tuple[TrainState, dict[str, Array]]:
   """One optimizer step of every member of `modules`.
 
@@ -218,71 +254,103 @@ def train_step(
   Returns:
     The new state and {"<module>_loss", "<module>_loss_max", "l2_grads"}.
   """
-  params, stats, opt = dict(state.params), dict(state.batch_stats), dict(
-    state.opt_state)
+  params, stats, opt = (
+    dict(state.params),
+    dict(state.batch_stats),
+    dict(state.opt_state),
+  )
   metrics, grad_sq = {}, 0.0
-  update = functools.partial(_member_update, graphdef=state.graphdef,
-                             tx=state.tx, backbone=backbone,
-                             entropy_weight=entropy_weight)
+  update = functools.partial(
+    _member_update,
+    graphdef=state.graphdef,
+    tx=state.tx,
+    backbone=backbone,
+    entropy_weight=entropy_weight,
+  )
 
   for module in modules:
+
     def member(p, s, o, key, module=module):
-      x = _sample_batch(images, num_images[module], state.step, key,
-                        batch_size)
+      x = _sample_batch(images, num_images[module], state.step, key, batch_size)
       x = jax.lax.with_sharding_constraint(to_unit_range(x), batch_sharding)
       return update(p, s, o, x)
 
     params[module], stats[module], opt[module], loss, gnorm = _over_members(
-      member, strategy, params[module], stats[module], opt[module],
-      data_keys[module])
+      member,
+      strategy,
+      params[module],
+      stats[module],
+      opt[module],
+      data_keys[module],
+    )
     metrics[f"{module}_loss"] = jnp.mean(loss)
     metrics[f"{module}_loss_max"] = jnp.max(loss)
     grad_sq = grad_sq + jnp.sum(jnp.square(gnorm))
   metrics["l2_grads"] = jnp.sqrt(grad_sq)
-  new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=stats, opt_state=opt)
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=stats, opt_state=opt
+  )
   return new_state, metrics
 
 
 def data_keys(config: mlc.ConfigDict) -> dict[str, Array]:
   """Per-member data-order keys, independent of the init keys."""
   root = jax.random.fold_in(jax.random.key(config.seed), 1000)
-  return {m: jax.random.split(jax.random.fold_in(root, i),
-                              config.model.num_members)
-          for i, m in enumerate(MODULES)}
+  return {
+    m: jax.random.split(jax.random.fold_in(root, i), config.model.num_members)
+    for i, m in enumerate(MODULES)
+  }
 
 
 def phases(
-  config: mlc.ConfigDict, data: oneclass.OneClassData,
+  config: mlc.ConfigDict,
+  data: oneclass.OneClassData,
   mesh: jax.sharding.Mesh,
 ) -> list[loop.Phase]:
   """The training phases: both ensembles, then the UDM's extra steps."""
   b = config.train.batch_size
   sharding.check_batch(b, mesh, "config.train.batch_size")
-  num = {"ndm": len(data.normal),
-         "udm": len(data.normal) + len(data.unlabeled)}
+  num = {"ndm": len(data.normal), "udm": len(data.normal) + len(data.unlabeled)}
   if num["ndm"] < b:
-    raise ValueError(f"{data.name}: {num['ndm']} known-normal images, fewer "
-                     f"than one batch (config.train.batch_size={b})")
+    raise ValueError(
+      f"{data.name}: {num['ndm']} known-normal images, fewer "
+      f"than one batch (config.train.batch_size={b})"
+    )
   steps = {m: config.epochs * (n // b) for m, n in num.items()}
-  images = jax.device_put(np.concatenate([data.normal, data.unlabeled]),
-                          sharding.replicated(mesh))
+  images = jax.device_put(
+    np.concatenate([data.normal, data.unlabeled]), sharding.replicated(mesh)
+  )
   k = config.model.num_members
-  common = dict(num_images=num, data_keys=data_keys(config), batch_size=b,
-                backbone=config.model.backbone,
-                entropy_weight=config.model.entropy_weight,
-                strategy=member_strategy(config),
-                batch_sharding=sharding.batch_sharded(mesh))
+  common = dict(
+    num_images=num,
+    data_keys=data_keys(config),
+    batch_size=b,
+    backbone=config.model.backbone,
+    entropy_weight=config.model.entropy_weight,
+    strategy=member_strategy(config),
+    batch_sharding=sharding.batch_sharded(mesh),
+  )
 
   def jitted(modules):
-    return jax.jit(functools.partial(train_step, modules=modules, **common),
-                   donate_argnums=0)
+    return jax.jit(
+      functools.partial(train_step, modules=modules, **common), donate_argnums=0
+    )
 
   return [
-    loop.Phase("ensembles", steps["ndm"], jitted(MODULES), images,
-               member_images_per_step=2 * k * b),
-    loop.Phase("udm_tail", steps["udm"] - steps["ndm"], jitted(("udm",)),
-               images, member_images_per_step=k * b),
+    loop.Phase(
+      "ensembles",
+      steps["ndm"],
+      jitted(MODULES),
+      images,
+      member_images_per_step=2 * k * b,
+    ),
+    loop.Phase(
+      "udm_tail",
+      steps["udm"] - steps["ndm"],
+      jitted(("udm",)),
+      images,
+      member_images_per_step=k * b,
+    ),
   ]
 
 
@@ -294,12 +362,16 @@ def _forward(state, module, x, strategy):
     out, _ = nnx.merge(state.graphdef, p, s)(x, train=False)
     return out
 
-  return _over_members(one, strategy, state.params[module],
-                       state.batch_stats[module])  # (K, B, H, W, C_out)
+  return _over_members(
+    one, strategy, state.params[module], state.batch_stats[module]
+  )  # (K, B, H, W, C_out)
 
 
 def score_fn(
-  state: TrainState, images: Array, *, config: mlc.ConfigDict,
+  state: TrainState,
+  images: Array,
+  *,
+  config: mlc.ConfigDict,
 ) -> dict[str, dict[str, Array]]:
   """Scores a batch with the frozen ensembles (eval-mode BN).
 
@@ -312,8 +384,13 @@ def score_fn(
   """
   strategy = member_strategy(config)
   x = to_unit_range(images)
-  maps = discrepancy_maps(_forward(state, "ndm", x, strategy),
-                          _forward(state, "udm", x, strategy), x,
-                          backbone=config.model.backbone)
-  return {"scores": {k: jnp.mean(v, axis=(1, 2)) for k, v in maps.items()},
-          "maps": maps}
+  maps = discrepancy_maps(
+    _forward(state, "ndm", x, strategy),
+    _forward(state, "udm", x, strategy),
+    x,
+    backbone=config.model.backbone,
+  )
+  return {
+    "scores": {k: jnp.mean(v, axis=(1, 2)) for k, v in maps.items()},
+    "maps": maps,
+  }

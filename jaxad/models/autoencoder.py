@@ -24,13 +24,21 @@ class AutoEncoder(nnx.Module):
   """Conv encoder -> 16-d latent -> conv decoder. NHWC in and out."""
 
   def __init__(
-    self, *, backbone: str = "ae", image_size: int = 64, in_channels: int = 1,
-    latent_size: int = 16, width: float = 1.0, memory_slots: int = 25,
-    upsample: str = "subpixel", rngs: nnx.Rngs,
+    self,
+    *,
+    backbone: str = "ae",
+    image_size: int = 64,
+    in_channels: int = 1,
+    latent_size: int = 16,
+    width: float = 1.0,
+    memory_slots: int = 25,
+    upsample: str = "subpixel",
+    rngs: nnx.Rngs,
   ):
     if backbone not in BACKBONES:
-      raise ValueError(f"model.backbone must be one of {BACKBONES}, "
-                       f"got {backbone!r}")
+      raise ValueError(
+        f"model.backbone must be one of {BACKBONES}, got {backbone!r}"
+      )
     if image_size % 16:
       raise ValueError(f"image_size must be a multiple of 16, got {image_size}")
     c1, c2, c3 = int(16 * width), int(32 * width), int(64 * width)
@@ -38,9 +46,11 @@ class AutoEncoder(nnx.Module):
     self.c3 = c3
     out_channels = 2 if backbone == "aeu" else 1
     down = lambda i, o: layers.conv(
-      i, o, kernel=4, stride=2, padding=1, use_bias=False, rngs=rngs)
-    self.enc_convs = nnx.List([down(in_channels, c1), down(c1, c2),
-                               down(c2, c3), down(c3, c3)])
+      i, o, kernel=4, stride=2, padding=1, use_bias=False, rngs=rngs
+    )
+    self.enc_convs = nnx.List(
+      [down(in_channels, c1), down(c1, c2), down(c2, c3), down(c3, c3)]
+    )
     self.enc_bns = nnx.List([layers.BatchNorm(c) for c in (c1, c2, c3, c3)])
     flat = c3 * self.fm * self.fm
     self.enc_fc1 = layers.linear(flat, 2048, rngs=rngs)
@@ -49,13 +59,16 @@ class AutoEncoder(nnx.Module):
     init = layers.torch_uniform(latent_size)
     self.memory = (
       nnx.Param(init(rngs.params(), (memory_slots, latent_size)))
-      if backbone == "memae" else None)
+      if backbone == "memae"
+      else None
+    )
     self.dec_fc1 = layers.linear(latent_size, 2048, rngs=rngs)
     self.dec_bn = layers.BatchNorm(2048)
     self.dec_fc2 = layers.linear(2048, flat, rngs=rngs)
     up = lambda i, o: layers.UpConv2x(i, o, method=upsample, rngs=rngs)
-    self.dec_convs = nnx.List([up(c3, c3), up(c3, c2), up(c2, c1),
-                               up(c1, out_channels)])
+    self.dec_convs = nnx.List(
+      [up(c3, c3), up(c3, c2), up(c2, c1), up(c1, out_channels)]
+    )
     self.dec_bns = nnx.List([layers.BatchNorm(c) for c in (c3, c2, c1)])
 
   def __call__(self, x: Array, *, train: bool) -> tuple[Array, Array | None]:

@@ -34,15 +34,26 @@ def torch_uniform(fan_in: int):
 
 
 def conv(
-  in_ch: int, out_ch: int, *, kernel: int, stride: int, padding: int,
-  use_bias: bool, rngs: nnx.Rngs,
+  in_ch: int,
+  out_ch: int,
+  *,
+  kernel: int,
+  stride: int,
+  padding: int,
+  use_bias: bool,
+  rngs: nnx.Rngs,
 ) -> nnx.Conv:
   """A `torch.nn.Conv2d` equivalent (NHWC), PyTorch-initialised."""
   fan_in = in_ch * kernel * kernel
   return nnx.Conv(
-    in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
-    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-    kernel_init=torch_uniform(fan_in), bias_init=torch_uniform(fan_in),
+    in_ch,
+    out_ch,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    use_bias=use_bias,
+    kernel_init=torch_uniform(fan_in),
+    bias_init=torch_uniform(fan_in),
     rngs=rngs,
   )
 
@@ -50,8 +61,11 @@ def conv(
 def linear(in_f: int, out_f: int, *, rngs: nnx.Rngs) -> nnx.Linear:
   """A `torch.nn.Linear` equivalent, PyTorch-initialised."""
   return nnx.Linear(
-    in_f, out_f, kernel_init=torch_uniform(in_f),
-    bias_init=torch_uniform(in_f), rngs=rngs,
+    in_f,
+    out_f,
+    kernel_init=torch_uniform(in_f),
+    bias_init=torch_uniform(in_f),
+    rngs=rngs,
   )
 
 
@@ -59,7 +73,11 @@ class BatchNorm(nnx.Module):
   """BatchNorm over all axes but the last, with PyTorch's statistics."""
 
   def __init__(
-    self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5,
+    self,
+    num_features: int,
+    *,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
   ):
     self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
@@ -125,7 +143,10 @@ def conv_transpose_4s2p1(x: Array, kernel: Array, *, method: str) -> Array:
   """
   if method == "subpixel":
     y = jax.lax.conv_general_dilated(
-      x, subpixel_kernel(kernel), (1, 1), ((1, 1), (1, 1)),
+      x,
+      subpixel_kernel(kernel),
+      (1, 1),
+      ((1, 1), (1, 1)),
       dimension_numbers=_DIMS,
     )
     return depth_to_space(y)
@@ -133,18 +154,28 @@ def conv_transpose_4s2p1(x: Array, kernel: Array, *, method: str) -> Array:
     # The transpose of a strided conv: dilate the input, pad k-1-p = 2, and
     # correlate with the spatially flipped kernel.
     return jax.lax.conv_general_dilated(
-      x, kernel[::-1, ::-1], (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2),
+      x,
+      kernel[::-1, ::-1],
+      (1, 1),
+      ((2, 2), (2, 2)),
+      lhs_dilation=(2, 2),
       dimension_numbers=_DIMS,
     )
-  raise ValueError(f"upsample method must be 'subpixel' or 'direct', "
-                   f"got {method!r}")
+  raise ValueError(
+    f"upsample method must be 'subpixel' or 'direct', got {method!r}"
+  )
 
 
 class UpConv2x(nnx.Module):
   """`torch.nn.ConvTranspose2d(in, out, 4, 2, 1, bias=False)` on NHWC."""
 
   def __init__(
-    self, in_ch: int, out_ch: int, *, method: str, rngs: nnx.Rngs,
+    self,
+    in_ch: int,
+    out_ch: int,
+    *,
+    method: str,
+    rngs: nnx.Rngs,
   ):
     # PyTorch computes fan_in of a transposed conv from weight dim 1 (= out).
     init = torch_uniform(out_ch * 16)

@@ -1,0 +1,216 @@
+"""Tests of DDAD's losses, scores, sampling and the (sharded) train step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from configs import ddad as ddad_config
+from jaxad import sharding
+from jaxad.data import oneclass
+from jaxad.methods import ddad
+
+
+def tiny_config(**model):
+  c = ddad_config.get_config()
+  c.data.image_size = 32
+  c.model.num_members = 2
+  c.model.width = 0.5
+  c.train.batch_size = 8
+  c.mesh.data = 1
+  c.model.update(model)
+  return c
+
+
+def tiny_data(n_normal=16, n_unlabeled=8, size=32):
+  rng = np.random.default_rng(0)
+  img = lambda n: rng.integers(0, 256, (n, size, size, 1), np.uint8)
+  return oneclass.OneClassData(
+    name="tiny",
+    normal=img(n_normal),
+    unlabeled=img(n_unlabeled),
+    unlabeled_labels=np.zeros(n_unlabeled, np.int32),
+    test=img(8),
+    test_labels=np.array([0] * 4 + [1] * 4, np.int32),
+    test_names=tuple(str(i) for i in range(8)),
+  )
+
+
+class LossAndScoreTest(parameterized.TestCase):
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.x = rng.uniform(-1, 1, (3, 4, 4, 1)).astype(np.float32)
+    self.out2 = rng.normal(size=(3, 4, 4, 2)).astype(np.float32)
+    self.att = rng.dirichlet(np.ones(5), size=3).astype(np.float32)
+
+  def loss(self, out, att, backbone):
+    return jax.jit(
+      functools.partial(
+        ddad.reconstruction_loss, backbone=backbone, entropy_weight=0.0002
+      )
+    )(out, self.x, att)
+
+  def test_ae_loss(self):
+    out = self.out2[..., :1]
+    np.testing.assert_allclose(
+      self.loss(out, None, "ae"), np.mean((out - self.x) ** 2), rtol=1e-5
+    )
+
+  def test_aeu_loss(self):
+    mu, s = self.out2[..., :1], self.out2[..., 1:]
+    want = np.mean(np.exp(-s) * (mu - self.x) ** 2) + np.mean(s)
+    np.testing.assert_allclose(
+      self.loss(self.out2, None, "aeu"), want, rtol=1e-5
+    )
+
+  def test_memae_loss(self):
+    out = self.out2[..., :1]
+    entropy = -np.sum(self.att * np.log(self.att + 1e-12), -1).mean()
+    want = np.mean((out - self.x) ** 2) + 0.0002 * entropy
+    np.testing.assert_allclose(
+      self.loss(out, self.att, "memae"), want, rtol=1e-5
+    )
+
+  @parameterized.parameters("ae", "aeu")
+  def test_discrepancy_maps(self, backbone):
+    rng = np.random.default_rng(1)
+    ndm = rng.normal(size=(3, 2, 4, 4, 2)).astype(np.float32)
+    udm = rng.normal(size=(3, 2, 4, 4, 2)).astype(np.float32)
+    x = rng.uniform(-1, 1, (2, 4, 4, 1)).astype(np.float32)
+    if backbone == "ae":
+      ndm, udm = ndm[..., :1], udm[..., :1]
+    got = jax.jit(functools.partial(ddad.discrepancy_maps, backbone=backbone))(
+      ndm, udm, x
+    )
+    mu_b, mu_a = ndm[..., 0].mean(0), udm[..., 0].mean(0)
+    var = (
+      np.exp(ndm[..., 1]).mean(0) if backbone == "aeu" else np.ones_like(mu_b)
+    )
+    std_unbiased = np.std(ndm[..., 0], axis=0, ddof=1)
+    np.testing.assert_allclose(
+      got["rec"], (x[..., 0] - mu_b) ** 2 / var, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+      got["intra"], std_unbiased / np.sqrt(var), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+      got["inter"], np.abs(mu_a - mu_b) / np.sqrt(var), rtol=1e-4, atol=1e-6
+    )
+
+  def test_to_unit_range(self):
+    np.testing.assert_allclose(
+      ddad.to_unit_range(jnp.array([0, 255], jnp.uint8)), [-1.0, 1.0]
+    )
+
+
+class SamplingTest(absltest.TestCase):
+  def test_each_epoch_is_a_permutation_and_members_differ(self):
+    images = jnp.arange(20, dtype=jnp.int32)  # "image" i is i
+    keys = jax.random.split(jax.random.key(0), 2)
+    sample = jax.jit(ddad._sample_batch, static_argnums=(1, 4))
+
+    def epoch(key, e):
+      return np.concatenate(
+        [sample(images, 18, 3 * e + s, key, 6) for s in range(3)]
+      )
+
+    first = epoch(keys[0], 0)
+    self.assertEqual(sorted(first), list(range(18)))  # never 18, 19
+    self.assertFalse(np.array_equal(first, epoch(keys[0], 1)))
+    self.assertFalse(np.array_equal(first, epoch(keys[1], 0)))
+    np.testing.assert_array_equal(first, epoch(keys[0], 0))
+
+
+class TrainStepTest(parameterized.TestCase):
+  def run_steps(self, config, mesh, num_steps=2):
+    state = ddad.init_state(config, mesh)
+    phase = ddad.phases(config, tiny_data(), mesh)[0]
+    history = []
+    for _ in range(num_steps):
+      state, metrics = phase.step_fn(state, phase.inputs)
+      history.append(metrics)
+    return jax.device_get((state.params, state.batch_stats, history))
+
+  def assert_same_run(self, a, b):
+    """Same losses/gradient norms and BN statistics, step by step.
+
+    Parameters are not compared leaf by leaf: Adam's first steps move every
+    weight by about +-lr whatever the gradient's size, so float rounding in a
+    near-zero gradient flips single weights; the losses of the next step
+    would show any real difference.
+    """
+    (_, stats_a, hist_a), (_, stats_b, hist_b) = a, b
+    tight = functools.partial(np.testing.assert_allclose, rtol=1e-4)
+    jax.tree.map(tight, hist_a[0], hist_b[0])
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=2e-3),
+      hist_a[1:],
+      hist_b[1:],
+    )
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-4),
+      stats_a,
+      stats_b,
+    )
+
+  def test_members_differ_and_loss_is_finite(self):
+    config = tiny_config()
+    params, _, (metrics,) = self.run_steps(
+      config, sharding.make_mesh(config.mesh), num_steps=1
+    )
+    kernel = params["ndm"]["enc_fc1"]["kernel"]
+    self.assertEqual(kernel.shape[0], 2)
+    self.assertFalse(np.allclose(kernel[0], kernel[1]))
+    self.assertFalse(
+      np.allclose(
+        params["ndm"]["enc_fc1"]["kernel"], params["udm"]["enc_fc1"]["kernel"]
+      )
+    )
+    for v in metrics.values():
+      self.assertTrue(np.isfinite(v))
+
+  def test_unroll_and_vmap_agree(self):
+    runs = []
+    for strategy in ("unroll", "vmap"):
+      config = tiny_config()
+      config.train.member_strategy = strategy
+      runs.append(self.run_steps(config, sharding.make_mesh(config.mesh)))
+    self.assert_same_run(*runs)
+
+  def test_sharded_step_matches_single_device(self):
+    self.assertEqual(jax.device_count(), 8, "conftest fakes 8 CPU devices")
+    runs = []
+    for devices in (1, 8):
+      config = tiny_config()
+      config.mesh.data = devices
+      runs.append(self.run_steps(config, sharding.make_mesh(config.mesh)))
+    self.assert_same_run(*runs)
+
+  def test_batch_must_divide_devices(self):
+    config = tiny_config()
+    config.train.batch_size = 12
+    config.mesh.data = 8
+    with self.assertRaisesRegex(ValueError, "divisible"):
+      ddad.phases(config, tiny_data(), sharding.make_mesh(config.mesh))
+
+  def test_too_few_normals(self):
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh)
+    with self.assertRaisesRegex(ValueError, "fewer than one batch"):
+      ddad.phases(config, tiny_data(n_normal=4), mesh)
+
+  def test_phase_lengths_follow_epochs_of_each_module(self):
+    config = tiny_config()
+    config.epochs = 3
+    phases = ddad.phases(
+      config, tiny_data(16, 9), sharding.make_mesh(config.mesh)
+    )
+    # NDM: 16 // 8 = 2 steps/epoch; UDM: 25 // 8 = 3 steps/epoch.
+    self.assertEqual([p.num_steps for p in phases], [6, 3])
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,108 @@
+"""Tests of the reconstruction AE and its PyTorch-semantics layers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+from flax import nnx
+
+from jaxad.models import autoencoder, layers
+
+
+def conv_transpose_reference(x, kernel):
+  """Scatter form of torch ConvTranspose2d(k=4, s=2, p=1), in numpy."""
+  b, h, w, _ = x.shape
+  out = np.zeros((b, 2 * h, 2 * w, kernel.shape[-1]))
+  for i in range(h):
+    for j in range(w):
+      for kh in range(4):
+        for kw in range(4):
+          oh, ow = 2 * i - 1 + kh, 2 * j - 1 + kw
+          if 0 <= oh < 2 * h and 0 <= ow < 2 * w:
+            out[:, oh, ow] += x[:, i, j] @ kernel[kh, kw]
+  return out
+
+
+class LayersTest(parameterized.TestCase):
+  @parameterized.parameters("subpixel", "direct")
+  def test_conv_transpose_matches_pytorch_scatter(self, method):
+    x = np.random.default_rng(0).normal(size=(2, 5, 6, 3)).astype(np.float32)
+    k = np.random.default_rng(1).normal(size=(4, 4, 3, 7)).astype(np.float32)
+    got = jax.jit(
+      lambda x, k: layers.conv_transpose_4s2p1(x, k, method=method)
+    )(x, k)
+    self.assertEqual(got.shape, (2, 10, 12, 7))
+    np.testing.assert_allclose(
+      got, conv_transpose_reference(x, k), atol=1e-4, rtol=1e-4
+    )
+
+  def test_conv_transpose_rejects_unknown_method(self):
+    with self.assertRaisesRegex(ValueError, "subpixel"):
+      layers.conv_transpose_4s2p1(
+        jnp.ones((1, 2, 2, 1)), jnp.ones((4, 4, 1, 1)), method="fft"
+      )
+
+  def test_batchnorm_tracks_unbiased_variance_like_pytorch(self):
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 3, 3, 5))
+    bn = layers.BatchNorm(5)
+    y = bn(jnp.asarray(x, jnp.float32), train=True)
+    flat = x.reshape(-1, 5)
+    mean, var = flat.mean(0), flat.var(0)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), atol=1e-4)
+    np.testing.assert_allclose(bn.mean[...], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(
+      bn.var[...], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5
+    )
+    y_eval = bn(jnp.asarray(x, jnp.float32), train=False)
+    np.testing.assert_allclose(
+      y_eval, (x - bn.mean[...]) / np.sqrt(bn.var[...] + 1e-5), atol=1e-4
+    )
+
+  def test_pytorch_default_init_bounds(self):
+    model = autoencoder.AutoEncoder(rngs=nnx.Rngs(0))
+    first = np.asarray(model.enc_convs[0].kernel[...])  # fan_in 1*4*4
+    self.assertLessEqual(np.abs(first).max(), 1 / 4)
+    self.assertGreater(np.abs(first).max(), 0.2)
+    up = np.asarray(model.dec_convs[0].kernel[...])  # fan_in = out*16 = 1024
+    self.assertLessEqual(np.abs(up).max(), 1 / 32)
+    bias = np.asarray(model.enc_fc1.bias[...])  # fan_in 1024
+    self.assertLessEqual(np.abs(bias).max(), 1 / 32)
+    self.assertGreater(np.abs(bias).max(), 0.0)
+
+
+class AutoEncoderTest(parameterized.TestCase):
+  @parameterized.parameters(
+    ("ae", 4_487_248, 1), ("aeu", 4_487_504, 2), ("memae", 4_487_648, 1)
+  )
+  def test_shapes_and_parameter_counts(self, backbone, count, channels):
+    model = autoencoder.AutoEncoder(backbone=backbone, rngs=nnx.Rngs(0))
+    self.assertEqual(
+      autoencoder.count_params(nnx.state(model, nnx.Param)), count
+    )
+    out, attention = model(jnp.zeros((3, 64, 64, 1)), train=True)
+    self.assertEqual(out.shape, (3, 64, 64, channels))
+    if backbone == "memae":
+      self.assertEqual(attention.shape, (3, 25))
+      np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
+    else:
+      self.assertIsNone(attention)
+
+  def test_upsample_methods_give_the_same_network(self):
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1), minval=-1)
+    outs = [
+      autoencoder.AutoEncoder(image_size=32, upsample=m, rngs=nnx.Rngs(0))(
+        x, train=False
+      )[0]
+      for m in ("subpixel", "direct")
+    ]
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+  def test_bad_arguments(self):
+    with self.assertRaisesRegex(ValueError, "backbone"):
+      autoencoder.AutoEncoder(backbone="vae", rngs=nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError, "multiple of 16"):
+      autoencoder.AutoEncoder(image_size=40, rngs=nnx.Rngs(0))
+
+
+if __name__ == "__main__":
+  absltest.main()

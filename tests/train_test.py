@@ -1,0 +1,179 @@
+"""End-to-end tests: train, resume, evaluate, config errors, NaN guard."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+from PIL import Image
+
+from configs import ddad as ddad_config
+from jaxad import checkpoint, evaluate, loop, train
+from jaxad.data import oneclass
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_folders(root):
+  """A tiny `folders` layout: smooth normals, abnormals with a bright box."""
+  rng = np.random.default_rng(0)
+  counts = {
+    "train/NORMAL": 40,
+    "train/PNEUMONIA": 12,
+    "test/NORMAL": 8,
+    "test/PNEUMONIA": 8,
+  }
+  for folder, n in counts.items():
+    os.makedirs(os.path.join(root, folder))
+    for i in range(n):
+      img = np.tile(np.linspace(40, 200, 32), (32, 1)) + rng.normal(
+        0, 5, (32, 32)
+      )
+      if "PNEUMONIA" in folder:
+        r, c = rng.integers(4, 20, 2)
+        img[r : r + 10, c : c + 10] = 255
+      Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+        os.path.join(root, folder, f"{i:03d}.png")
+      )
+
+
+def tiny_config(root, cache):
+  c = ddad_config.get_config()
+  c.epochs = 2
+  c.data.update(
+    format="folders",
+    root=root,
+    image_size=32,
+    unlabeled_size=8,
+    anomaly_rate=0.5,
+    cache_dir=cache,
+  )
+  c.model.update(num_members=2, width=0.5)
+  c.train.update(batch_size=8, log_every=2, checkpoint_every=3)
+  c.eval.batch_size = 8
+  c.mesh.data = 1
+  return c
+
+
+class TrainTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.root = os.path.join(cls.tmp, "data")
+    make_folders(cls.root)
+    cls.config = tiny_config(cls.root, os.path.join(cls.tmp, "cache"))
+
+  def workdir(self, name):
+    return os.path.join(self.tmp, name)
+
+  def test_interrupted_run_resumes_to_the_same_result(self):
+    full = train.run(self.config, self.workdir("full"))
+    self.assertEqual(
+      set(full), {"dataset", "num_normal", "num_abnormal", "scores"}
+    )
+    self.assertEqual((full["num_normal"], full["num_abnormal"]), (8, 8))
+    self.assertEqual(set(full["scores"]), {"rec", "intra", "inter"})
+    for m in full["scores"].values():
+      self.assertEqual(set(m), {"auroc", "ap"})
+      self.assertTrue(0.0 <= m["auroc"] <= 1.0)
+    with open(os.path.join(self.workdir("full"), "eval.json")) as f:
+      self.assertEqual(json.load(f), full)
+    with open(os.path.join(self.workdir("full"), "metrics.jsonl")) as f:
+      self.assertIn("ndm_loss", json.loads(f.readline()))
+
+    def interrupt(step):
+      if step == 5:
+        raise KeyboardInterrupt
+
+    with self.assertRaises(KeyboardInterrupt):
+      train.run(self.config, self.workdir("resumed"), on_step=interrupt)
+    ckpt = checkpoint.Checkpointer(
+      os.path.join(self.workdir("resumed"), "checkpoints")
+    )
+    self.assertEqual(ckpt.latest_step(), 5)  # saved on Ctrl-C
+    ckpt.close()
+    self.assertEqual(train.run(self.config, self.workdir("resumed")), full)
+
+    # jaxad.evaluate restores and re-scores without training.
+    method, state, mesh = evaluate.restore(self.config, self.workdir("full"))
+    data = oneclass.load(self.config.data, self.workdir("full"))
+    self.assertEqual(
+      evaluate.evaluate(
+        self.config, self.workdir("full"), method, state, data, mesh
+      ),
+      full,
+    )
+
+    changed = self.config.copy_and_resolve_references()
+    changed.optim.lr = 1e-3
+    with self.assertRaisesRegex(ValueError, "optim.lr"):
+      train.run(changed, self.workdir("full"))
+
+  def test_nan_loss_stops_with_a_clear_error_and_no_bad_checkpoint(self):
+    config = self.config.copy_and_resolve_references()
+    config.optim.lr = float("nan")
+    with self.assertRaisesRegex(loop.NonFiniteError, "last good checkpoint"):
+      train.run(config, self.workdir("nan"))
+    ckpt = checkpoint.Checkpointer(
+      os.path.join(self.workdir("nan"), "checkpoints")
+    )
+    self.assertIsNone(ckpt.latest_step())
+    ckpt.close()
+
+
+def run_cli(*args, timeout=600):
+  return subprocess.run(
+    [sys.executable, "-m", "jaxad.train", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+
+
+class CommandLineTest(absltest.TestCase):
+  def test_misspelt_override_is_an_error_naming_the_key(self):
+    out = run_cli(
+      "--config",
+      "configs/ddad.py",
+      "--config.epochz=3",
+      "--workdir",
+      tempfile.mkdtemp(),
+    )
+    self.assertNotEqual(out.returncode, 0)
+    self.assertIn("epochz", out.stderr)
+
+  def test_unknown_config_argument(self):
+    out = run_cli(
+      "--config", "configs/ddad.py:smok", "--workdir", tempfile.mkdtemp()
+    )
+    self.assertNotEqual(out.returncode, 0)
+    self.assertIn("smok", out.stderr)
+
+  def test_smoke_config_end_to_end(self):
+    workdir = tempfile.mkdtemp()
+    out = run_cli(
+      "--config",
+      "configs/ddad.py:smoke",
+      "--workdir",
+      workdir,
+      f"--config.data.cache_dir={workdir}/cache",
+    )
+    self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+    with open(os.path.join(workdir, "eval.json")) as f:
+      result = json.load(f)
+    self.assertEqual(result["dataset"], "embedded/kermany_cxr64")
+    self.assertEqual((result["num_normal"], result["num_abnormal"]), (234, 390))
+    self.assertIn("member-img/s", out.stderr)
+    maps = np.load(os.path.join(workdir, "maps.npz"))
+    self.assertEqual(maps["inter"].shape, (624, 64, 64))
+
+
+if __name__ == "__main__":
+  absltest.main()
