@@ -56,7 +56,11 @@ def evaluate(
 ) -> dict:
   """Scores `data.test`, writes eval.json, scores.npz, maps.npz; returns
   the eval.json content."""
-  score_fn = jax.jit(lambda s, x: method.score_fn(s, x, config=config))
+  # Replicated outputs, so that every host can fetch all scores.
+  score_fn = jax.jit(
+    lambda s, x: method.score_fn(s, x, config=config),
+    out_shardings=sharding.replicated(mesh),
+  )
   out = score_images(score_fn, state, data.test, config.eval.batch_size, mesh)
   labels = np.asarray(data.test_labels)
   result = {

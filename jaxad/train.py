@@ -17,7 +17,12 @@ from jaxad import checkpoint, cli, evaluate, loop, sharding
 from jaxad.data import oneclass
 
 # Keys that may change between a run and its resumption.
-_RESUMABLE_CHANGES = ("train.log_every", "train.checkpoint_every")
+_RESUMABLE_CHANGES = (
+  "train.log_every",
+  "train.checkpoint_every",
+  "data.cache_dir",
+  "eval.batch_size",
+)
 
 
 def _check_config(config: mlc.ConfigDict, workdir: str) -> None:

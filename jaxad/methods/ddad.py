@@ -332,8 +332,12 @@ def phases(
   )
 
   def jitted(modules):
+    # Replicated outputs: the state stays replicated, and metrics can be
+    # fetched on every host.
     return jax.jit(
-      functools.partial(train_step, modules=modules, **common), donate_argnums=0
+      functools.partial(train_step, modules=modules, **common),
+      donate_argnums=0,
+      out_shardings=sharding.replicated(mesh),
     )
 
   return [

@@ -1,0 +1,81 @@
+"""Tests of the ASR-Net model and the synthetic-anomaly generator."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from flax import nnx
+
+from jaxad.data import synthesis
+from jaxad.models import autoencoder, refine
+
+
+class ASRNetTest(absltest.TestCase):
+  def test_shapes_and_parameter_count(self):
+    net = refine.ASRNet(rngs=nnx.Rngs(0))
+    # conv1 2*9*128+128, conv2 128*9*128+128, conv3 128*9*2+2, 2 BNs.
+    want = (2 * 9 * 128 + 128) + (128 * 9 * 128 + 128) + (128 * 9 * 2 + 2)
+    want += 2 * 2 * 128
+    self.assertEqual(autoencoder.count_params(nnx.state(net, nnx.Param)), want)
+    self.assertEqual(
+      net(jnp.zeros((2, 64, 64, 2)), train=True).shape, (2, 64, 64, 2)
+    )
+    r_intra = refine.ASRNet(in_channels=1, rngs=nnx.Rngs(0))
+    self.assertEqual(
+      r_intra(jnp.zeros((1, 8, 8, 1)), train=False).shape, (1, 8, 8, 2)
+    )
+
+
+class SynthesisTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.images = jnp.asarray(rng.uniform(-1, 1, (64, 64, 64, 1)), jnp.float32)
+    self.sources = jnp.asarray(rng.uniform(-1, 1, (64, 64, 64, 1)), jnp.float32)
+
+  def paste(self, seed):
+    return jax.jit(synthesis.paste_patches)(
+      jax.random.key(seed), self.images, self.sources
+    )
+
+  def test_mask_is_exactly_the_blended_box(self):
+    out, mask = map(np.asarray, self.paste(0))
+    images, sources = np.asarray(self.images), np.asarray(self.sources)
+    altered = 0
+    for i in range(len(out)):
+      changed = np.abs(out[i, ..., 0] - images[i, ..., 0]) > 0
+      inside = mask[i] > 0
+      self.assertFalse(np.any(changed & ~inside))  # nothing outside the box
+      if not inside.any():
+        continue
+      altered += 1
+      rows, cols = np.nonzero(inside)
+      # A square box of side 2*pw (clipped), pw in [3, 13).
+      h = rows.max() - rows.min() + 1
+      w = cols.max() - cols.min() + 1
+      self.assertEqual(inside.sum(), h * w)
+      self.assertLessEqual(max(h, w), 24)
+      self.assertGreaterEqual(max(h, w), 6)
+      # out = (1 - a) x + a src inside, with one a in [0, 1] per image.
+      diff = (sources[i] - images[i])[inside]
+      big = np.abs(diff) > 0.1  # avoid dividing by ~0
+      alpha = (out[i] - images[i])[inside][big] / diff[big]
+      self.assertTrue(0.0 <= alpha.mean() <= 1.0)
+      np.testing.assert_allclose(alpha, alpha.mean(), atol=1e-3)
+    self.assertBetween(altered, 16, 48)  # about half of 64
+
+  def test_reproducible_for_a_seed(self):
+    a, b, c = self.paste(3), self.paste(3), self.paste(4)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+    self.assertFalse(np.array_equal(a[1], c[1]))
+
+  def test_other_indices_differ(self):
+    idx = jnp.arange(100) % 7
+    other = synthesis.other_indices(jax.random.key(0), idx, 7)
+    self.assertTrue(np.all(np.asarray(other) != np.asarray(idx)))
+    self.assertTrue(np.all((np.asarray(other) >= 0) & (np.asarray(other) < 7)))
+
+
+if __name__ == "__main__":
+  absltest.main()
