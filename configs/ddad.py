@@ -60,6 +60,19 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     log_every=20,  # steps between progress lines (one host sync each)
     checkpoint_every=200,  # steps between checkpoints
   )
+  # DDAD-ASR's refinement stage (METHODS.md 1.8), trained after the
+  # ensembles in the same run. Paper: 100 epochs, batch 8, Adam(1e-4,
+  # betas 0.5/0.999) with coupled weight decay 1e-4.
+  c.refine = dict(
+    enabled=False,  # work in progress: scores r_dual / r_intra when on
+    inputs="dual",  # "dual" = [inter, intra] (R_dual) | "intra" (R_intra)
+    epochs=100,
+    batch_size=8,
+    lr=1e-4,
+    b1=0.5,
+    b2=0.999,
+    weight_decay=1e-4,
+  )
   c.eval = dict(batch_size=64)
   c.mesh = dict(data=-1)  # devices on the data axis; -1 = all
 

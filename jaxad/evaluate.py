@@ -1,13 +1,15 @@
 r"""Scores the test split with a trained state and writes WORKDIR/eval.json.
 
-  python -m jaxad.evaluate --config configs/ddad.py --workdir W
+  python -m jaxad.evaluate --config configs/ddad.py --workdir W [--report]
 
 restores the latest checkpoint in W (trained by `jaxad.train` with the same
 config) and re-scores without training. Writes:
 * `W/eval.json`: {"dataset", "num_normal", "num_abnormal",
   "scores": {name: {"auroc", "ap"}}};
 * `W/scores.npz`: per-image scores, labels and names;
-* `W/maps.npz`: the pixel maps of every score, float16 [N, S, S].
+* `W/maps.npz`: the pixel maps of every score, float16 [N, S, S];
+* with --report, `W/report/` (jaxad.report: ROC curves, histograms, map
+  overlays, index.html).
 """
 
 import importlib
@@ -19,7 +21,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import app, flags, logging
 
-from jaxad import checkpoint, cli, metrics, sharding
+from jaxad import checkpoint, cli, metrics, report, sharding
 from jaxad.data import oneclass
 
 
@@ -53,9 +55,11 @@ def evaluate(
   state,
   data: oneclass.OneClassData,
   mesh,
+  *,
+  write_report: bool = False,
 ) -> dict:
-  """Scores `data.test`, writes eval.json, scores.npz, maps.npz; returns
-  the eval.json content."""
+  """Scores `data.test`, writes eval.json, scores.npz, maps.npz (and the
+  visual report with `write_report`); returns the eval.json content."""
   # Replicated outputs, so that every host can fetch all scores.
   score_fn = jax.jit(
     lambda s, x: method.score_fn(s, x, config=config),
@@ -85,6 +89,18 @@ def evaluate(
       **{k: v.astype(np.float16) for k, v in out["maps"].items()},
     )
   logging.info("Results on %s:\n%s", data.name, format_table(result))
+  if write_report and jax.process_index() == 0:
+    path = report.write(
+      workdir,
+      result,
+      data.test,
+      out["scores"],
+      out["maps"],
+      labels,
+      data.test_names,
+      config,
+    )
+    logging.info("Report written to %s/index.html", path)
   return result
 
 
@@ -114,14 +130,20 @@ def restore(config: mlc.ConfigDict, workdir: str):
   return method, state, mesh
 
 
+_REPORT = flags.DEFINE_bool(
+  "report", False, "Also write W/report/ (ROC, histograms, map grid, HTML)."
+)
+
+
 def main(argv):
   del argv
   config, workdir = cli.CONFIG.value, cli.WORKDIR.value
   cli.setup_logging()
   sharding.initialize_distributed()
   method, state, mesh = restore(config, workdir)
+  data = oneclass.load(config.data, workdir)
   evaluate(
-    config, workdir, method, state, oneclass.load(config.data, workdir), mesh
+    config, workdir, method, state, data, mesh, write_report=_REPORT.value
   )
 
 

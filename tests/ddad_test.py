@@ -9,7 +9,7 @@ from absl.testing import absltest, parameterized
 
 from configs import ddad as ddad_config
 from jaxad import sharding
-from jaxad.data import oneclass
+from jaxad.data import oneclass, resident
 from jaxad.methods import ddad
 
 
@@ -102,20 +102,17 @@ class LossAndScoreTest(parameterized.TestCase):
 
   def test_to_unit_range(self):
     np.testing.assert_allclose(
-      ddad.to_unit_range(jnp.array([0, 255], jnp.uint8)), [-1.0, 1.0]
+      resident.to_unit_range(jnp.array([0, 255], jnp.uint8)), [-1.0, 1.0]
     )
 
 
 class SamplingTest(absltest.TestCase):
   def test_each_epoch_is_a_permutation_and_members_differ(self):
-    images = jnp.arange(20, dtype=jnp.int32)  # "image" i is i
     keys = jax.random.split(jax.random.key(0), 2)
-    sample = jax.jit(ddad._sample_batch, static_argnums=(1, 4))
+    sample = jax.jit(resident.sample_indices, static_argnums=(0, 3))
 
     def epoch(key, e):
-      return np.concatenate(
-        [sample(images, 18, 3 * e + s, key, 6) for s in range(3)]
-      )
+      return np.concatenate([sample(18, 3 * e + s, key, 6) for s in range(3)])
 
     first = epoch(keys[0], 0)
     self.assertEqual(sorted(first), list(range(18)))  # never 18, 19

@@ -6,8 +6,11 @@ import numpy as np
 from absl.testing import absltest
 from flax import nnx
 
+from jaxad import sharding
 from jaxad.data import synthesis
+from jaxad.methods import ddad, ddad_refine
 from jaxad.models import autoencoder, refine
+from tests import ddad_test
 
 
 class ASRNetTest(absltest.TestCase):
@@ -75,6 +78,56 @@ class SynthesisTest(absltest.TestCase):
     other = synthesis.other_indices(jax.random.key(0), idx, 7)
     self.assertTrue(np.all(np.asarray(other) != np.asarray(idx)))
     self.assertTrue(np.all((np.asarray(other) >= 0) & (np.asarray(other) < 7)))
+
+
+class FocalLossTest(absltest.TestCase):
+  def test_against_numpy(self):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 3, 2)).astype(np.float32)
+    mask = (rng.uniform(size=(2, 3, 3)) > 0.5).astype(np.float32)
+    got = jax.jit(ddad_refine.focal_loss)(logits, mask)
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    y = np.clip(np.stack([1 - mask, mask], -1), 1e-5, 1 - 1e-5)
+    p_t = (y * p).sum(-1) + 1e-5
+    np.testing.assert_allclose(got, -((1 - p_t) ** 2) * np.log(p_t), rtol=1e-5)
+
+
+class RefinePhaseTest(absltest.TestCase):
+  def test_refine_step_trains_only_the_asr_net(self):
+    config = ddad_test.tiny_config()
+    config.refine.update(enabled=True, epochs=1, batch_size=4)
+    mesh = sharding.make_mesh(config.mesh)
+    data = ddad_test.tiny_data()
+    state = ddad.init_state(config, mesh)
+    phases = ddad.phases(config, data, mesh)
+    self.assertEqual(
+      [p.name for p in phases], ["ensembles", "udm_tail", "refine"]
+    )
+    self.assertEqual(phases[2].num_steps, 16 // 4)
+    before = jax.device_get(state.params)
+    refine_phase = phases[2]
+    state, metrics = refine_phase.step_fn(state, refine_phase.inputs)
+    after = jax.device_get(state.params)
+    for module in ("ndm", "udm"):  # frozen: bit-identical
+      jax.tree.map(np.testing.assert_array_equal, before[module], after[module])
+    changed = jax.tree.map(
+      lambda a, b: not np.array_equal(a, b), before["asr"], after["asr"]
+    )
+    self.assertTrue(all(jax.tree.leaves(changed)))
+    self.assertTrue(np.isfinite(jax.device_get(metrics["asr_loss"])))
+    out = jax.jit(lambda s, x: ddad.score_fn(s, x, config=config))(
+      state, data.test
+    )
+    self.assertEqual(set(out["scores"]), {"rec", "intra", "inter", "r_dual"})
+    r = np.asarray(out["maps"]["r_dual"])
+    self.assertEqual(r.shape, (8, 32, 32))
+    self.assertTrue(np.all((r >= 0) & (r <= 1)))
+
+  def test_unknown_inputs(self):
+    config = ddad_test.tiny_config()
+    config.refine.inputs = "both"
+    with self.assertRaisesRegex(ValueError, "refine.inputs"):
+      ddad_refine.score_name(config)
 
 
 if __name__ == "__main__":

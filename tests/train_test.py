@@ -104,15 +104,38 @@ class TrainTest(absltest.TestCase):
     data = oneclass.load(self.config.data, self.workdir("full"))
     self.assertEqual(
       evaluate.evaluate(
-        self.config, self.workdir("full"), method, state, data, mesh
+        self.config,
+        self.workdir("full"),
+        method,
+        state,
+        data,
+        mesh,
+        write_report=True,
       ),
       full,
     )
+    report_dir = os.path.join(self.workdir("full"), "report")
+    for name in ("roc.png", "histograms.png", "grid.png"):
+      with open(os.path.join(report_dir, name), "rb") as f:
+        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    with open(os.path.join(report_dir, "index.html")) as f:
+      page = f.read()
+    self.assertIn("<table>", page)
+    self.assertIn("inter", page)
+    self.assertIn('"epochs": 2', page)
 
     changed = self.config.copy_and_resolve_references()
     changed.optim.lr = 1e-3
     with self.assertRaisesRegex(ValueError, "optim.lr"):
       train.run(changed, self.workdir("full"))
+
+  def test_refinement_stage_adds_its_score(self):
+    config = self.config.copy_and_resolve_references()
+    config.refine.update(enabled=True, epochs=1, batch_size=8)
+    result = train.run(config, self.workdir("refine"))
+    self.assertEqual(set(result["scores"]), {"rec", "intra", "inter", "r_dual"})
+    maps = np.load(os.path.join(self.workdir("refine"), "maps.npz"))
+    self.assertEqual(maps["r_dual"].shape, (16, 32, 32))
 
   def test_nan_loss_stops_with_a_clear_error_and_no_bad_checkpoint(self):
     config = self.config.copy_and_resolve_references()

@@ -23,7 +23,8 @@ import optax
 from flax import nnx
 
 from jaxad import loop, sharding
-from jaxad.data import oneclass
+from jaxad.data import oneclass, resident
+from jaxad.methods import ddad_refine
 from jaxad.models import autoencoder
 
 Array = jax.Array
@@ -40,14 +41,13 @@ class TrainState:
   opt_state: dict[str, Any]
   graphdef: Any = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  # The ASR-Net (params/batch_stats/opt_state["asr"], no member axis) when
+  # config.refine.enabled, else None.
+  refine_graphdef: Any = flax.struct.field(pytree_node=False, default=None)
+  refine_tx: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 # --------------------------------------------------------------------- losses
-
-
-def to_unit_range(images: Array) -> Array:
-  """uint8 [0, 255] -> float32 [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
 
 
 def reconstruction_loss(
@@ -174,6 +174,13 @@ def init_state(
       jax.random.fold_in(root, i), config.model.num_members
     )
     params[module], stats[module], opt[module] = init(keys)
+  refine_graphdef = refine_tx = None
+  if config.refine.enabled:
+    refine_graphdef, refine_tx = ddad_refine.build(config)
+    params["asr"], stats["asr"], opt["asr"] = jax.jit(
+      functools.partial(ddad_refine.init, config, tx=refine_tx),
+      out_shardings=sharding.replicated(mesh),
+    )(jax.random.fold_in(root, len(MODULES)))
   step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
   return TrainState(
     step=step,
@@ -182,24 +189,12 @@ def init_state(
     opt_state=opt,
     graphdef=graphdef,
     tx=tx,
+    refine_graphdef=refine_graphdef,
+    refine_tx=refine_tx,
   )
 
 
 # ----------------------------------------------------------------- train step
-
-
-def _sample_batch(images, num, step, key, batch_size):
-  """Batch `step` of this member's epoch-wise shuffling of images[:num].
-
-  Same as a DataLoader(shuffle=True, drop_last=True) with a fresh permutation
-  per epoch, derived from (member key, epoch) so resuming is exact.
-  """
-  per_epoch = num // batch_size
-  perm = jax.random.permutation(jax.random.fold_in(key, step // per_epoch), num)
-  idx = jax.lax.dynamic_slice_in_dim(
-    perm, (step % per_epoch) * batch_size, batch_size
-  )
-  return images[idx]  # (B, S, S, 1) uint8
 
 
 def _member_update(
@@ -271,8 +266,11 @@ def train_step(
   for module in modules:
 
     def member(p, s, o, key, module=module):
-      x = _sample_batch(images, num_images[module], state.step, key, batch_size)
-      x = jax.lax.with_sharding_constraint(to_unit_range(x), batch_sharding)
+      idx = resident.sample_indices(
+        num_images[module], state.step, key, batch_size
+      )
+      x = resident.to_unit_range(images[idx])  # (B, S, S, 1)
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
       return update(p, s, o, x)
 
     params[module], stats[module], opt[module], loss, gnorm = _over_members(
@@ -340,7 +338,7 @@ def phases(
       out_shardings=sharding.replicated(mesh),
     )
 
-  return [
+  phases = [
     loop.Phase(
       "ensembles",
       steps["ndm"],
@@ -356,6 +354,12 @@ def phases(
       member_images_per_step=k * b,
     ),
   ]
+  if config.refine.enabled:
+    maps_fn = functools.partial(ensemble_maps, config=config)
+    phases.append(
+      ddad_refine.phase(config, images, num["ndm"], steps["udm"], maps_fn, mesh)
+    )
+  return phases
 
 
 # -------------------------------------------------------------------- scoring
@@ -371,6 +375,19 @@ def _forward(state, module, x, strategy):
   )  # (K, B, H, W, C_out)
 
 
+def ensemble_maps(
+  state: TrainState, x: Array, *, config: mlc.ConfigDict
+) -> dict[str, Array]:
+  """rec/intra/inter maps [B, S, S] of x [B, S, S, 1] (frozen ensembles)."""
+  strategy = member_strategy(config)
+  return discrepancy_maps(
+    _forward(state, "ndm", x, strategy),
+    _forward(state, "udm", x, strategy),
+    x,
+    backbone=config.model.backbone,
+  )
+
+
 def score_fn(
   state: TrainState,
   images: Array,
@@ -383,17 +400,19 @@ def score_fn(
     images: [B, S, S, 1] uint8.
 
   Returns:
-    {"scores": {name: [B]}, "maps": {name: [B, S, S]}}, names rec/intra/inter;
-    image score = spatial mean of the map.
+    {"scores": {name: [B]}, "maps": {name: [B, S, S]}}, names rec, intra,
+    inter (+ r_dual or r_intra with the refinement stage); image score =
+    spatial mean of the map.
   """
-  strategy = member_strategy(config)
-  x = to_unit_range(images)
-  maps = discrepancy_maps(
-    _forward(state, "ndm", x, strategy),
-    _forward(state, "udm", x, strategy),
-    x,
-    backbone=config.model.backbone,
-  )
+  maps = ensemble_maps(state, resident.to_unit_range(images), config=config)
+  if config.refine.enabled:
+    maps[ddad_refine.score_name(config)] = ddad_refine.anomaly_probability(
+      state.refine_graphdef,
+      state.params["asr"],
+      state.batch_stats["asr"],
+      maps,
+      config.refine.inputs,
+    )
   return {
     "scores": {k: jnp.mean(v, axis=(1, 2)) for k, v in maps.items()},
     "maps": maps,
