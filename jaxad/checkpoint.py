@@ -11,6 +11,7 @@ import os
 
 import flax
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -34,22 +35,27 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.StandardSave(tree))
 
   def restore_latest(self, template):
-    """Returns `template` with the latest checkpoint's values, or itself."""
+    """Returns `template` with the latest checkpoint's values, or itself.
+
+    A checkpoint may lack parts of the template: a stage added to a finished
+    run (e.g. DDAD's refinement after its ensembles) starts from the
+    template's fresh initialisation, and is logged as such. Anything the
+    template lacks, or a shape that differs, is an error.
+    """
     step = self.latest_step()
     if step is None:
       return template
-    tree = flax.serialization.to_state_dict(template)
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      tree,
+    saved = self._manager.restore(step, args=ocp.args.StandardRestore())
+    fresh = []
+    merged = _merge(
+      flax.serialization.to_state_dict(template), saved, "", fresh
     )
-    restored = self._manager.restore(
-      step, args=ocp.args.StandardRestore(abstract)
-    )
+    if fresh:
+      logging.info("Not in the checkpoint, freshly initialised: %s", fresh)
     logging.info(
       "Restored checkpoint of step %d from %s", step, self._manager.directory
     )
-    return flax.serialization.from_state_dict(template, restored)
+    return flax.serialization.from_state_dict(template, merged)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -57,3 +63,33 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _merge(template, saved, path, fresh):
+  """`template`'s structure with `saved`'s values, placed like template's."""
+  if isinstance(template, dict):
+    if not isinstance(saved, dict):
+      raise ValueError(f"Checkpoint has a leaf at {path!r}, expected a tree")
+    extra = sorted(set(saved) - set(template))
+    if extra:
+      raise ValueError(
+        f"Checkpoint has {extra} under {path or '/'!r}, which this config "
+        "does not; use the config the run was trained with"
+      )
+    out = {}
+    for key, value in template.items():
+      sub = f"{path}/{key}"
+      if key in saved:
+        out[key] = _merge(value, saved[key], sub, fresh)
+      else:
+        fresh.append(sub)
+        out[key] = value
+    return out
+  if isinstance(saved, dict) or np.shape(saved) != np.shape(template):
+    raise ValueError(
+      f"Checkpoint {path!r} has shape {np.shape(saved)}, this config "
+      f"expects {np.shape(template)}"
+    )
+  return jax.device_put(
+    np.asarray(saved, dtype=template.dtype), template.sharding
+  )

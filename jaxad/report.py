@@ -35,8 +35,8 @@ def _pyplot():
 
 def _roc(plt, scores, labels, result, path):
   fig, ax = plt.subplots(figsize=(5, 5))
-  for name, s in scores.items():
-    fpr, tpr, _ = skm.roc_curve(labels, s)
+  for name in ordered(list(scores)):
+    fpr, tpr, _ = skm.roc_curve(labels, scores[name])
     auroc = result["scores"][name]["auroc"]
     ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.3f})")
   ax.plot([0, 1], [0, 1], "k:", lw=1)
@@ -56,7 +56,8 @@ def _roc(plt, scores, labels, result, path):
 def _histograms(plt, scores, labels, path):
   n = len(scores)
   fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
-  for ax, (name, s) in zip(axes[0], scores.items(), strict=True):
+  for ax, name in zip(axes[0], ordered(list(scores)), strict=True):
+    s = scores[name]
     bins = np.linspace(s.min(), s.max(), 40)
     ax.hist(s[labels == 0], bins, alpha=0.6, label="normal", color="tab:blue")
     ax.hist(s[labels == 1], bins, alpha=0.6, label="abnormal", color="tab:red")
@@ -83,10 +84,21 @@ def pick_examples(score, labels, k=2):
   return out
 
 
+# Display order: unrefined scores first, refined last (jax returns dicts with
+# sorted keys, which would put r_dual before rec).
+_ORDER = ("rec", "intra", "inter", "r_intra", "r_dual")
+
+
+def ordered(names):
+  """Score names in display order; unknown names keep their order, last."""
+  known = [n for n in _ORDER if n in names]
+  return known + [n for n in names if n not in _ORDER]
+
+
 def _grid(plt, images, maps, scores, labels, names, path):
-  rank_by = list(scores)[-1]
+  kinds = ordered(list(maps))
+  rank_by = kinds[-1]  # the refined score when present, else inter
   rows = pick_examples(scores[rank_by], labels)
-  kinds = list(maps)
   # One colour scale per map type over the whole test set: comparable across
   # rows, and nothing is clipped.
   limits = {k: (float(np.min(maps[k])), float(np.max(maps[k]))) for k in kinds}
@@ -125,7 +137,8 @@ def _html(result, config_json, path):
   rows = "".join(
     f"<tr><td>{html.escape(k)}</td><td>{m['auroc']:.4f}</td>"
     f"<td>{m['ap']:.4f}</td></tr>"
-    for k, m in result["scores"].items()
+    for k in ordered(list(result["scores"]))
+    for m in [result["scores"][k]]
   )
   page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>jaxad report</title>

@@ -32,10 +32,14 @@ def _check_config(config: mlc.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
+    # A refinement stage may be added to a run trained without one.
+    adding_stage = not old.get("refine.enabled", False)
     diff = sorted(
       k
       for k in set(old) | set(flat)
-      if old.get(k) != flat.get(k) and k not in _RESUMABLE_CHANGES
+      if old.get(k) != flat.get(k)
+      and k not in _RESUMABLE_CHANGES
+      and not (adding_stage and k.startswith("refine."))
     )
     if diff:
       raise ValueError(

@@ -22,6 +22,12 @@ class PickExamplesTest(absltest.TestCase):
       ],
     )
 
+  def test_refined_scores_are_shown_last(self):
+    self.assertEqual(
+      report.ordered(["inter", "intra", "r_dual", "rec", "other"]),
+      ["rec", "intra", "inter", "r_dual", "other"],
+    )
+
 
 if __name__ == "__main__":
   absltest.main()

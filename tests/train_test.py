@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,10 +64,15 @@ class TrainTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.tmp = tempfile.mkdtemp()
+    cls.tmp = tempfile.mkdtemp()  # checkpoints are large: removed below
     cls.root = os.path.join(cls.tmp, "data")
     make_folders(cls.root)
     cls.config = tiny_config(cls.root, os.path.join(cls.tmp, "cache"))
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
 
   def workdir(self, name):
     return os.path.join(self.tmp, name)
@@ -129,13 +135,21 @@ class TrainTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "optim.lr"):
       train.run(changed, self.workdir("full"))
 
-  def test_refinement_stage_adds_its_score(self):
+  def test_refinement_stage_can_be_added_to_a_finished_run(self):
+    workdir = self.workdir("refine")
+    base = train.run(self.config, workdir)
     config = self.config.copy_and_resolve_references()
     config.refine.update(enabled=True, epochs=1, batch_size=8)
-    result = train.run(config, self.workdir("refine"))
+    result = train.run(config, workdir)  # resumes: only the new stage runs
     self.assertEqual(set(result["scores"]), {"rec", "intra", "inter", "r_dual"})
-    maps = np.load(os.path.join(self.workdir("refine"), "maps.npz"))
+    for name in ("rec", "intra", "inter"):  # the ensembles did not move
+      self.assertEqual(result["scores"][name], base["scores"][name])
+    maps = np.load(os.path.join(workdir, "maps.npz"))
     self.assertEqual(maps["r_dual"].shape, (16, 32, 32))
+    changed = config.copy_and_resolve_references()
+    changed.refine.lr = 1.0  # the stage exists now: no more changes
+    with self.assertRaisesRegex(ValueError, "refine.lr"):
+      train.run(changed, workdir)
 
   def test_nan_loss_stops_with_a_clear_error_and_no_bad_checkpoint(self):
     config = self.config.copy_and_resolve_references()
@@ -161,26 +175,34 @@ def run_cli(*args, timeout=600):
 
 
 class CommandLineTest(absltest.TestCase):
+  def tempdir(self):
+    path = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
   def test_misspelt_override_is_an_error_naming_the_key(self):
     out = run_cli(
       "--config",
       "configs/ddad.py",
       "--config.epochz=3",
       "--workdir",
-      tempfile.mkdtemp(),
+      self.tempdir(),
     )
     self.assertNotEqual(out.returncode, 0)
     self.assertIn("epochz", out.stderr)
 
   def test_unknown_config_argument(self):
     out = run_cli(
-      "--config", "configs/ddad.py:smok", "--workdir", tempfile.mkdtemp()
+      "--config",
+      "configs/ddad.py:smok",
+      "--workdir",
+      self.tempdir(),
     )
     self.assertNotEqual(out.returncode, 0)
     self.assertIn("smok", out.stderr)
 
   def test_smoke_config_end_to_end(self):
-    workdir = tempfile.mkdtemp()
+    workdir = self.tempdir()
     out = run_cli(
       "--config",
       "configs/ddad.py:smoke",
