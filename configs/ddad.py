@@ -1,18 +1,20 @@
-r"""DDAD (Cai et al., MedIA 2023, https://doi.org/10.1016/j.media.2023.102794).
+r"""DDAD-ASR (Cai et al., MedIA 2023, https://doi.org/10.1016/j.media.2023.102794).
 
 Dual-distribution discrepancy: K=3 NDM + K=3 UDM reconstruction AEs, trained
-together in one jitted program; scores rec / intra / inter (METHODS.md 1).
+together in one jitted program; scores rec / intra / inter (METHODS.md 1);
+then the ASR-Net refinement stage, score r_dual (or r_intra).
 
 The default trains on the embedded Kermany CXR subset (64x64) for a few epochs
-so it finishes in minutes on a laptop CPU; the paper trains 250 epochs:
+so it finishes in minutes on a laptop CPU; the paper trains 250 epochs (AEs)
+and 100 (ASR-Net):
   python -m jaxad.train --config configs/ddad.py --workdir /tmp/ddad
   python -m jaxad.train --config configs/ddad.py:paper --workdir W \
       --config.data.format=medad --config.data.root=/data/Med-AD/RSNA
   python -m jaxad.train --config configs/ddad.py:smoke --workdir /tmp/smoke
 Measured results (README "Results") are listed with their commands.
 
-Config arguments (`configs/ddad.py:arg1,arg2`): `paper` (250 epochs),
-`smoke` (2 members, batch 32, 1 epoch: a quick end-to-end check).
+Config arguments (`configs/ddad.py:arg1,arg2`): `paper` (250 + 100
+epochs), `smoke` (2 members, batch 32, 1 epoch each stage: a quick check).
 """
 
 import ml_collections as mlc
@@ -60,13 +62,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     log_every=20,  # steps between progress lines (one host sync each)
     checkpoint_every=200,  # steps between checkpoints
   )
-  # DDAD-ASR's refinement stage (METHODS.md 1.8), trained after the
-  # ensembles in the same run. Paper: 100 epochs, batch 8, Adam(1e-4,
-  # betas 0.5/0.999) with coupled weight decay 1e-4.
+  # DDAD-ASR's refinement stage (METHODS.md 1.8): an ASR-Net trained on the
+  # ensembles' discrepancy maps of synthetic anomalies, after the ensembles,
+  # in the same run. Paper: 100 epochs, batch 8, Adam(1e-4, betas
+  # 0.5/0.999) with coupled weight decay 1e-4.
   c.refine = dict(
-    enabled=False,  # work in progress: scores r_dual / r_intra when on
+    enabled=True,  # False: ensembles only (scores rec / intra / inter)
     inputs="dual",  # "dual" = [inter, intra] (R_dual) | "intra" (R_intra)
-    epochs=100,
+    epochs=100 if arg.paper else 8,  # over the known normals
     batch_size=8,
     lr=1e-4,
     b1=0.5,
@@ -78,6 +81,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   if arg.smoke:
     c.epochs = 1
+    c.refine.epochs = 1
     c.model.num_members = 2
     c.train.batch_size = 32
     c.train.log_every = 5

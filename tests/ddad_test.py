@@ -20,6 +20,7 @@ def tiny_config(**model):
   c.model.width = 0.5
   c.train.batch_size = 8
   c.mesh.data = 1
+  c.refine.enabled = False  # tests that need the stage turn it on
   c.model.update(model)
   return c
 

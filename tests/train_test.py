@@ -57,6 +57,7 @@ def tiny_config(root, cache):
   c.train.update(batch_size=8, log_every=2, checkpoint_every=3)
   c.eval.batch_size = 8
   c.mesh.data = 1
+  c.refine.enabled = False  # tests that need the stage turn it on
   return c
 
 
@@ -170,7 +171,11 @@ def run_cli(*args, timeout=600):
     capture_output=True,
     text=True,
     timeout=timeout,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    # A user's single-device run: not the 8 fake devices of conftest.
+    env={
+      **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+      "JAX_PLATFORMS": "cpu",
+    },
   )
 
 
@@ -214,6 +219,7 @@ class CommandLineTest(absltest.TestCase):
     with open(os.path.join(workdir, "eval.json")) as f:
       result = json.load(f)
     self.assertEqual(result["dataset"], "embedded/kermany_cxr64")
+    self.assertEqual(set(result["scores"]), {"rec", "intra", "inter", "r_dual"})
     self.assertEqual((result["num_normal"], result["num_abnormal"]), (234, 390))
     self.assertIn("member-img/s", out.stderr)
     maps = np.load(os.path.join(workdir, "maps.npz"))
