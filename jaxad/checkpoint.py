@@ -2,7 +2,9 @@
 
 Only the state's pytree fields are written (steps, parameters, BatchNorm
 statistics, optimizer state); static fields (graph definitions, optimizers)
-and frozen networks are rebuilt from the config. Restoring takes a freshly
+and frozen networks are rebuilt from the config: a method keeps a frozen
+network (a pretrained teacher) in a state field named `frozen`, which is
+never written and always comes from the template. Restoring takes a freshly
 initialised state as the template, so shapes, dtypes and shardings come from
 the current config and mesh.
 """
@@ -31,7 +33,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state) -> None:
-    tree = flax.serialization.to_state_dict(state)
+    tree = _trainable(flax.serialization.to_state_dict(state))
     self._manager.save(step, args=ocp.args.StandardSave(tree))
 
   def restore_latest(self, template):
@@ -47,9 +49,10 @@ class Checkpointer:
       return template
     saved = self._manager.restore(step, args=ocp.args.StandardRestore())
     fresh = []
-    merged = _merge(
-      flax.serialization.to_state_dict(template), saved, "", fresh
-    )
+    full = flax.serialization.to_state_dict(template)
+    merged = _merge(_trainable(full), saved, "", fresh)
+    if FROZEN in full:
+      merged[FROZEN] = full[FROZEN]
     if fresh:
       logging.info("Not in the checkpoint, freshly initialised: %s", fresh)
     logging.info(
@@ -63,6 +66,14 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+FROZEN = "frozen"
+
+
+def _trainable(tree: dict) -> dict:
+  """The state dict without its frozen networks."""
+  return {k: v for k, v in tree.items() if k != FROZEN}
 
 
 def _merge(template, saved, path, fresh):

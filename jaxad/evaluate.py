@@ -5,7 +5,9 @@ r"""Scores the test split with a trained state and writes WORKDIR/eval.json.
 restores the latest checkpoint in W (trained by `jaxad.train` with the same
 config) and re-scores without training. Writes:
 * `W/eval.json`: {"dataset", "num_normal", "num_abnormal",
-  "scores": {name: {"auroc", "ap"}}};
+  "scores": {name: {"auroc", "ap"}}}; for data with pixel masks (mvtec, bmad,
+  mtd) every score also gets "pixel_auroc" and "aupro" (FPR limit 0.3) of
+  its maps, bilinearly resized to the mask size if they differ;
 * `W/scores.npz`: per-image scores, labels and names;
 * `W/maps.npz`: the pixel maps of every score, float16 [N, S, S];
 * with --report, `W/report/` (jaxad.report: ROC curves, histograms, map
@@ -75,6 +77,11 @@ def evaluate(
       k: metrics.image_metrics(v, labels) for k, v in out["scores"].items()
     },
   }
+  if data.test_masks is not None:
+    for k, m in out["maps"].items():
+      result["scores"][k] |= metrics.pixel_metrics(
+        resize_maps(m, data.test_masks.shape[1:]), data.test_masks
+      )
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
@@ -104,10 +111,30 @@ def evaluate(
   return result
 
 
+def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """[N, h, w] maps -> [N, H, W] (`size`), bilinear with half-pixel centres.
+
+  Shrinking is antialiased (jax.image.resize's default); maps already at
+  `size` are returned as they are.
+  """
+  if maps.shape[1:] == tuple(size):
+    return maps
+  return np.asarray(
+    jax.image.resize(
+      np.asarray(maps, np.float32), (len(maps), *size), "bilinear"
+    )
+  )
+
+
 def format_table(result: dict) -> str:
-  lines = [f"{'score':<10} {'AUROC':>7} {'AP':>7}"]
+  pixel = all("aupro" in m for m in result["scores"].values())
+  header = f"{'score':<10} {'AUROC':>7} {'AP':>7}"
+  lines = [header + (f" {'pAUROC':>7} {'AUPRO':>7}" if pixel else "")]
   for name, m in result["scores"].items():
-    lines.append(f"{name:<10} {m['auroc']:>7.4f} {m['ap']:>7.4f}")
+    line = f"{name:<10} {m['auroc']:>7.4f} {m['ap']:>7.4f}"
+    if pixel:
+      line += f" {m['pixel_auroc']:>7.4f} {m['aupro']:>7.4f}"
+    lines.append(line)
   lines.append(
     f"({result['num_normal']} normal / {result['num_abnormal']} "
     "abnormal test images)"

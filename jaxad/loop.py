@@ -33,7 +33,8 @@ class Phase:
   num_steps: int
   step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
   inputs: Any  # device-resident arrays passed (not donated) to every step
-  member_images_per_step: int
+  member_images_per_step: int  # images x ensemble members trained per step
+  images_per_step: int  # distinct images a step draws (its batch size)
 
 
 class NonFiniteError(FloatingPointError):

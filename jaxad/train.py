@@ -63,10 +63,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def run(config: mlc.ConfigDict, workdir: str, *, on_step=None) -> dict:
   """Trains (resuming from W's checkpoint), evaluates; returns eval.json."""
+  method = importlib.import_module(f"jaxad.methods.{config.method}")
+  # A method may refuse a config (e.g. Multi-AD without teacher weights)
+  # before W/config.json is written, so the fixed command can re-use W.
+  if hasattr(method, "check_config"):
+    method.check_config(config)
   os.makedirs(workdir, exist_ok=True)
   _check_config(config, workdir)
   mesh = sharding.make_mesh(config.mesh)
-  method = importlib.import_module(f"jaxad.methods.{config.method}")
   data = oneclass.load(config.data, workdir)
   logging.info(
     "Data %s: %d known normal, %d unlabeled, %d test images",

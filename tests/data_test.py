@@ -397,7 +397,8 @@ class EmbeddedAndFormatTest(DataTestCase):
   def test_unknown_format(self):
     with self.assertRaisesRegex(
       manifest.DataError,
-      r"'tfrecord'.*\['embedded', 'medad', 'folders', 'medmnist'\]",
+      r"'tfrecord'.*\['embedded', 'medad', 'folders', 'medmnist', 'mvtec',"
+      r" 'bmad', 'mtd'\]",
     ):
       self.load(format="tfrecord")
 
@@ -406,7 +407,8 @@ class EmbeddedAndFormatTest(DataTestCase):
       self.assertEqual(builder.default_cache_dir(""), self.cache)
     self.assertEqual(builder.default_cache_dir("/x/y"), "/x/y")
     self.assertEqual(
-      layouts.FORMATS, ("embedded", "medad", "folders", "medmnist")
+      layouts.FORMATS,
+      ("embedded", "medad", "folders", "medmnist", "mvtec", "bmad", "mtd"),
     )
 
 

@@ -5,6 +5,7 @@
 parameters and every input file's name, size and mtime: the same config
 re-uses the prepared data, and any change prepares a new copy. Features are
 `tfds.features.Tensor`s, which tfds writes as array_record without TensorFlow.
+A manifest with masks adds a per-image "mask" (zeros for the train normals).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ EmptySource = tuple
 
 
 class OneClassDataset(tfds.core.GeneratorBasedBuilder):
-  """The one-class splits of one manifest, as uint8 [S, S, 1] images.
+  """The one-class splits of one manifest, as uint8 [S, S, C] images.
 
-  Each example is {"image": [S, S, 1] uint8, "label": int64 (0 normal,
-  1 abnormal), "name": str, "index": int64 (position in the manifest part)}.
+  Each example is {"image": [S, S, C] uint8, "label": int64 (0 normal,
+  1 abnormal), "name": str, "index": int64 (position in the manifest part)},
+  and for a manifest with masks "mask": [S, S] uint8 in {0, 1}.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -45,19 +47,26 @@ class OneClassDataset(tfds.core.GeneratorBasedBuilder):
     return self._manifest
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = self._manifest.image_size
-    features = tfds.features.FeaturesDict(
-      {
-        "image": tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8),
-        "label": tfds.features.Tensor(shape=(), dtype=np.int64),
-        "name": tfds.features.Tensor(shape=(), dtype=np.str_),
-        "index": tfds.features.Tensor(shape=(), dtype=np.int64),
-      }
-    )
+    size, channels = self._manifest.image_size, self._manifest.channels
+    features = {
+      "image": tfds.features.Tensor(
+        shape=(size, size, channels), dtype=np.uint8
+      ),
+      "label": tfds.features.Tensor(shape=(), dtype=np.int64),
+      "name": tfds.features.Tensor(shape=(), dtype=np.str_),
+      "index": tfds.features.Tensor(shape=(), dtype=np.int64),
+    }
+    if self._manifest.has_masks:
+      # zlib: masks are mostly zeros (all zeros for normals).
+      features["mask"] = tfds.features.Tensor(
+        shape=(size, size),
+        dtype=np.uint8,
+        encoding=tfds.features.Encoding.ZLIB,
+      )
     return tfds.core.DatasetInfo(
       builder=self,
       description=f"jaxad one-class splits of {self._manifest.name}",
-      features=features,
+      features=tfds.features.FeaturesDict(features),
       # Keys are the manifest positions, so records are stored in order.
       disable_shuffling=True,
     )
@@ -72,18 +81,18 @@ class OneClassDataset(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, part: str):
     entries = self._manifest.parts[part]
-    size = self._manifest.image_size
+    size, channels = self._manifest.image_size, self._manifest.channels
     start = time.perf_counter()
     for i, entry in enumerate(entries):
-      yield (
-        i,
-        {
-          "image": manifest_lib.decode(entry, size),
-          "label": entry.label,
-          "name": entry.name,
-          "index": i,
-        },
-      )
+      example = {
+        "image": manifest_lib.decode(entry, size, channels),
+        "label": entry.label,
+        "name": entry.name,
+        "index": i,
+      }
+      if self._manifest.has_masks:
+        example["mask"] = manifest_lib.decode_mask(entry, size)
+      yield i, example
       if (i + 1) % 1000 == 0:
         logging.info("  %s: decoded %d / %d", part, i + 1, len(entries))
     logging.info(
@@ -167,7 +176,8 @@ def read_split(builder: OneClassDataset, split: str) -> dict[str, Any]:
     split: "normal", "unlabeled" or "test".
 
   Returns:
-    {"image": [N, S, S, 1] uint8, "label": [N] int32, "name": tuple of N str}.
+    {"image": [N, S, S, C] uint8, "label": [N] int32, "name": tuple of N
+    str, "mask": [N, S, S] uint8 in {0, 1}, or None without masks}.
   """
   source = split_source(builder, split)
   records = (
@@ -181,12 +191,17 @@ def read_split(builder: OneClassDataset, split: str) -> dict[str, Any]:
       f"Corrupt cache {builder.data_dir}: split {split!r} indices are not"
       " 0..N-1; delete that folder to re-prepare"
     )
-  size = builder.info.features["image"].shape
-  images = np.zeros((0, *size), np.uint8)
-  if records:
-    images = np.stack([r["image"] for r in records])
+  features = builder.info.features
+
+  def stack(key):
+    shape = features[key].shape
+    if not records:
+      return np.zeros((0, *shape), np.uint8)
+    return np.stack([r[key] for r in records])
+
   return {
-    "image": images,
+    "image": stack("image"),
+    "mask": stack("mask") if "mask" in features else None,
     "label": np.array([r["label"] for r in records], np.int32),
     "name": tuple(
       r["name"].decode() if isinstance(r["name"], bytes) else str(r["name"])

@@ -1,6 +1,7 @@
 """On-disk layouts -> manifests (`manifest.Manifest`).
 
-Four layouts, chosen by `data.format`:
+Four image-level layouts, chosen by `data.format`, and the three with pixel
+masks of `mask_layouts.py` (`mvtec`, `bmad`, `mtd`):
 
 * `medad`: DDAD's Med-AD archive, `ROOT/images/*` + `ROOT/data.json`; the
   unlabeled pool is the first `normal_num` / `abnormal_num` names of
@@ -11,11 +12,13 @@ Four layouts, chosen by `data.format`:
 * `embedded`: the small Kermany CXR set shipped in `jaxad/data/embedded/`.
 
 Only names, labels and where the pixels are come out of here: decoding is done
-once, by the tfds builder, when a manifest is first prepared.
+once, by the tfds builder, when a manifest is first prepared, as grayscale
+or, with `data.channels=3`, RGB.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -24,36 +27,17 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from jaxad.data import manifest, npz_layouts, splits
+from jaxad.data import manifest, mask_layouts, npz_layouts, splits
 
-FORMATS = ("embedded", "medad", "folders", "medmnist")
-
-
-def get(data: Any, key: str, default: Any) -> Any:
-  """`data.key`, or `default` where the config does not set it."""
-  value = data.get(key, None) if hasattr(data, "get") else None
-  return default if value is None else value
+FORMATS = ("embedded", "medad", "folders", "medmnist") + mask_layouts.FORMATS
 
 
 def split_params(data: Any) -> dict[str, Any]:
   """The config values every OC-SSL split depends on."""
   return {
-    "unlabeled_size": int(get(data, "unlabeled_size", 1000)),
-    "anomaly_rate": float(get(data, "anomaly_rate", 0.6)),
+    "unlabeled_size": int(manifest.get(data, "unlabeled_size", 1000)),
+    "anomaly_rate": float(manifest.get(data, "anomaly_rate", 0.6)),
   }
-
-
-def root_dir(data: Any) -> str:
-  """`data.root` as an absolute path that must exist."""
-  root = get(data, "root", "")
-  if not root:
-    raise manifest.DataError(
-      f"data.root is empty; the {data.format!r} layout needs it"
-    )
-  root = os.path.abspath(os.path.expanduser(root))
-  if not os.path.exists(root):
-    raise FileNotFoundError(f"data.root not found: {root}")
-  return root
 
 
 def _entries(names: list[Any], label: int, root: str, what: str):
@@ -72,7 +56,7 @@ def _entries(names: list[Any], label: int, root: str, what: str):
 def medad(data: Any, workdir: str) -> manifest.Manifest:
   """The Med-AD `data.json` layout (`workdir` is unused: the split ships)."""
   del workdir
-  root = root_dir(data)
+  root = manifest.root_dir(data)
   path = os.path.join(root, "data.json")
   images = os.path.join(root, "images")
   if not os.path.isfile(path):
@@ -118,31 +102,6 @@ def medad(data: Any, workdir: str) -> manifest.Manifest:
   )
 
 
-def _list_class(folder: str) -> list[str]:
-  """Sorted image file names in one class folder; it must not be empty."""
-  files, other = [], []
-  for f in sorted(os.listdir(folder)):
-    if f.startswith(".") or not os.path.isfile(os.path.join(folder, f)):
-      continue
-    if f.lower().endswith(manifest.IMAGE_EXTENSIONS):
-      files.append(f)
-    else:
-      other.append(f)
-  if other:
-    logging.warning(
-      "Skipping %d non-image files in %s (e.g. %s)",
-      len(other),
-      folder,
-      other[0],
-    )
-  if not files:
-    raise manifest.DataError(
-      f"Class folder {folder} has no image files"
-      f" ({'/'.join(e[1:] for e in manifest.IMAGE_EXTENSIONS)})"
-    )
-  return files
-
-
 def _list_split(root: str, split: str, normal_class: str):
   """(normal files, abnormal files) of ROOT/split, as paths relative to ROOT."""
   folder = os.path.join(root, split)
@@ -168,7 +127,7 @@ def _list_split(root: str, split: str, normal_class: str):
   files = {}
   for c in classes:
     files[c] = [
-      f"{split}/{c}/{f}" for f in _list_class(os.path.join(folder, c))
+      f"{split}/{c}/{f}" for f in manifest.list_images(os.path.join(folder, c))
     ]
   logging.info(
     "%s: %s", folder, ", ".join(f"{c} {len(v)}" for c, v in files.items())
@@ -178,14 +137,14 @@ def _list_split(root: str, split: str, normal_class: str):
 
 def folders(data: Any, workdir: str) -> manifest.Manifest:
   """`ROOT/{train,test}/<class>/*` with a seeded OC-SSL split of train."""
-  root = root_dir(data)
-  normal_class = str(get(data, "normal_class", "NORMAL"))
+  root = manifest.root_dir(data)
+  normal_class = str(manifest.get(data, "normal_class", "NORMAL"))
   params = {
     "format": "folders",
     "root": root,
     "normal_class": normal_class,
     **split_params(data),
-    "split_seed": int(get(data, "split_seed", 0)),
+    "split_seed": int(manifest.get(data, "split_seed", 0)),
   }
 
   def draw_fn():
@@ -222,15 +181,15 @@ def folders(data: Any, workdir: str) -> manifest.Manifest:
 
 def medmnist(data: Any, workdir: str) -> manifest.Manifest:
   """A MedMNIST `.npz` with a seeded OC-SSL split of its train split."""
-  path = npz_layouts.find_npz(root_dir(data))
+  path = npz_layouts.find_npz(manifest.root_dir(data))
   arrays = npz_layouts.read_medmnist(path)
-  normal_label = int(get(data, "normal_label", 0))
+  normal_label = int(manifest.get(data, "normal_label", 0))
   params = {
     "format": "medmnist",
     "root": path,
     "normal_label": normal_label,
     **split_params(data),
-    "split_seed": int(get(data, "split_seed", 0)),
+    "split_seed": int(manifest.get(data, "split_seed", 0)),
   }
   labels = {s: arrays[f"{s}_labels"] != normal_label for s in ("train", "test")}
   for s, abnormal in labels.items():
@@ -294,25 +253,30 @@ def build(data: Any, workdir: str) -> manifest.Manifest:
   """The manifest of the layout named by `data.format`.
 
   Args:
-    data: the `data` config (format, root, image_size, split parameters).
+    data: the `data` config (format, root, image_size, channels, split
+      parameters).
     workdir: the run's directory (holds split.json for drawn splits).
 
   Returns:
-    The manifest.
+    The manifest, with `data.channels` (default 1).
 
   Raises:
     DataError: unknown format or bad data (the message names the file/key).
     FileNotFoundError: a missing root, file or folder.
   """
-  fmt = get(data, "format", "")
+  fmt = manifest.get(data, "format", "")
   layouts = {
     "embedded": npz_layouts.embedded,
     "medad": medad,
     "folders": folders,
     "medmnist": medmnist,
+    "mvtec": mask_layouts.mvtec,
+    "bmad": mask_layouts.bmad,
+    "mtd": mask_layouts.mtd,
   }
   if fmt not in layouts:
     raise manifest.DataError(
       f"Unknown data.format {fmt!r}; valid formats: {list(FORMATS)}"
     )
-  return layouts[fmt](data, workdir)
+  channels = manifest.channels(data)
+  return dataclasses.replace(layouts[fmt](data, workdir), channels=channels)

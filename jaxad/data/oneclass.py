@@ -16,6 +16,7 @@ from absl import logging
 
 from jaxad.data import builder as builder_lib
 from jaxad.data import layouts
+from jaxad.data import manifest as manifest_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,12 +25,14 @@ class OneClassData:
 
   Attributes:
     name: e.g. "embedded/kermany_cxr64", or the basename of data.root.
-    normal: [N0, S, S, 1] uint8 known normals.
-    unlabeled: [NU, S, S, 1] uint8 unlabeled pool (may be [0, S, S, 1]).
+    normal: [N0, S, S, C] uint8 known normals (C = data.channels, 1 or 3).
+    unlabeled: [NU, S, S, C] uint8 unlabeled pool (may be [0, S, S, C]).
     unlabeled_labels: [NU] int32 ground truth of the pool, for reporting only.
-    test: [NT, S, S, 1] uint8 test images, normals first.
+    test: [NT, S, S, C] uint8 test images, normals first.
     test_labels: [NT] int32, 0 normal, 1 abnormal.
     test_names: the NT test image names, in order.
+    test_masks: [NT, S, S] uint8 pixel ground truth in {0, 1} (1 =
+      anomalous), for layouts with masks; None for image-level datasets.
   """
 
   name: str
@@ -39,21 +42,22 @@ class OneClassData:
   test: np.ndarray
   test_labels: np.ndarray
   test_names: tuple[str, ...]
+  test_masks: np.ndarray | None = None
 
 
 def prepare(data: Any, workdir: str) -> builder_lib.OneClassDataset:
   """Builds the layout's manifest and prepares it (once; then cached).
 
   Args:
-    data: the `data` config (format, root, image_size, split parameters,
-      cache_dir).
+    data: the `data` config (format, root, image_size, channels, split
+      parameters, cache_dir).
     workdir: the run's directory (a drawn split is kept in split.json there).
 
   Returns:
     The prepared tfds builder.
   """
   manifest = layouts.build(data, workdir)
-  return builder_lib.prepare(manifest, layouts.get(data, "cache_dir", ""))
+  return builder_lib.prepare(manifest, manifest_lib.get(data, "cache_dir", ""))
 
 
 def load(data: Any, workdir: str) -> OneClassData:
@@ -64,7 +68,8 @@ def load(data: Any, workdir: str) -> OneClassData:
     workdir: the run's directory.
 
   Returns:
-    The known normals, unlabeled pool and test split as [N, S, S, 1] uint8.
+    The known normals, unlabeled pool and test split as [N, S, S, C] uint8,
+    and the test masks where the layout has them.
   """
   builder = prepare(data, workdir)
   normal = builder_lib.read_split(builder, "normal")
@@ -78,10 +83,11 @@ def load(data: Any, workdir: str) -> OneClassData:
     test=test["image"],
     test_labels=test["label"],
     test_names=test["name"],
+    test_masks=test["mask"],
   )
   logging.info(
     "Loaded %s: %d known normals, %d unlabeled (%d abnormal), %d test"
-    " (%d abnormal), images %s",
+    " (%d abnormal), images %s, %s",
     out.name,
     len(out.normal),
     len(out.unlabeled),
@@ -89,5 +95,6 @@ def load(data: Any, workdir: str) -> OneClassData:
     len(out.test),
     int(out.test_labels.sum()),
     out.test.shape[1:],
+    "with masks" if out.test_masks is not None else "no masks",
   )
   return out

@@ -27,8 +27,9 @@ def data_source(data: Any, workdir: str, split: str) -> Any:
     split: "normal", "unlabeled" or "test".
 
   Returns:
-    A sequence of {"image": [S, S, 1] uint8, "label": int64, "name": bytes,
-    "index": int64} (empty tuple for a split without examples).
+    A sequence of {"image": [S, S, C] uint8, "label": int64, "name": bytes,
+    "index": int64}, plus "mask": [S, S] uint8 for layouts with masks
+    (empty tuple for a split without examples).
   """
   return builder_lib.split_source(oneclass.prepare(data, workdir), split)
 

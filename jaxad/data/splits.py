@@ -1,10 +1,12 @@
-"""The seeded one-class semi-supervised (OC-SSL) split and its split.json.
+"""Seeded splits of layouts that ship none, and their split.json.
 
-Layouts without a shipped split (`folders`, `medmnist`) draw one: of the train
-normals, `normal_num` go to the unlabeled pool together with `abnormal_num`
-train abnormals, and the rest are the known normals. The draw is written to
-`WORKDIR/split.json` so that it can be inspected and so that a resumed run sees
-exactly the same split.
+`folders` and `medmnist` draw the one-class semi-supervised (OC-SSL) split:
+of the train normals, `normal_num` go to the unlabeled pool together with
+`abnormal_num` train abnormals, and the rest are the known normals. `mtd`,
+which has no train/test split at all, holds out a fraction of its normals
+for the test (`hold_out`). Either draw is written to `WORKDIR/split.json` so
+that it can be inspected and so that a resumed run sees exactly the same
+split.
 """
 
 from __future__ import annotations
@@ -97,6 +99,41 @@ def draw(
       "0": [normals[i] for i in sorted(pick_n)],
       "1": [abnormals[i] for i in pick_a.tolist()],
     },
+  }
+
+
+def hold_out(
+  normals: collections.abc.Sequence[Any],
+  *,
+  fraction: float,
+  seed: int,
+  what: str,
+) -> dict[str, Any]:
+  """Draws the test normals of a layout without a train/test split.
+
+  Args:
+    normals: normal ids (file names), in a fixed order.
+    fraction: share of the normals held out for the test, in (0, 1);
+      round(fraction * N) of them, at least one on either side.
+    seed: seed of `np.random.default_rng`.
+    what: the dataset, for error messages.
+
+  Returns:
+    {"normal": [train ids], "test": {"0": [test ids]}}, in input order.
+  """
+  num = len(normals)
+  num_test = round(fraction * num)
+  if not 0.0 < fraction < 1.0 or not 0 < num_test < num:
+    raise manifest.DataError(
+      f"{what}: data.test_normal_fraction={fraction} of {num} normals holds"
+      f" out {num_test} for the test; it must leave at least one normal on"
+      " either side"
+    )
+  rng = np.random.default_rng(seed)
+  pick = set(rng.choice(num, num_test, replace=False).tolist())
+  return {
+    "normal": [x for i, x in enumerate(normals) if i not in pick],
+    "test": {"0": [normals[i] for i in sorted(pick)]},
   }
 
 

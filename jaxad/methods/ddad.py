@@ -345,6 +345,7 @@ def phases(
       jitted(MODULES),
       images,
       member_images_per_step=2 * k * b,
+      images_per_step=b,
     ),
     loop.Phase(
       "udm_tail",
@@ -352,6 +353,7 @@ def phases(
       jitted(("udm",)),
       images,
       member_images_per_step=k * b,
+      images_per_step=b,
     ),
   ]
   if config.refine.enabled:

@@ -182,4 +182,5 @@ def phase(
     jax.jit(step, donate_argnums=0, out_shardings=sharding.replicated(mesh)),
     images,
     member_images_per_step=r.batch_size,
+    images_per_step=r.batch_size,
   )

@@ -1,0 +1,287 @@
+r"""Throughput of a config's training and scoring steps.
+
+  python -m jaxad.bench --config configs/ddad.py [--config.k=v ...] \
+    [--json OUT.json] [--data synthetic|config] [--steps 10] [--repeats 5]
+
+For every training phase of the method (DDAD: ensembles, udm_tail, refine)
+it compiles the jitted step the training loop runs, warms it up, then times
+`--repeats` runs of `--steps` back-to-back steps (block_until_ready at the
+end of each run; the median is reported). It prints and writes:
+`step_ms`, `images_per_s` (distinct images a step trains on, per second),
+`member_images_per_s` (members x images, for ensembles), `flops_per_step`
+(XLA's cost analysis of the compiled step), `tflops_per_s`, `mfu` where the
+device's peak is known, and the peak device memory where the backend reports
+it; then the scoring step's images/s at `eval.batch_size`, and the input
+pipeline's own images/s (grain over the prepared split, or over random
+images with `--data synthetic`).
+
+`--data synthetic` (default) times on random uint8 images shaped like the
+config's data, so it needs no dataset, tfds or grain for the step timings;
+`--data config` loads the config's dataset as training does.
+"""
+
+import functools
+import importlib
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from jaxad import cli, sharding
+from jaxad.data import oneclass
+
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+_DATA = flags.DEFINE_enum(
+  "data", "synthetic", ["synthetic", "config"], "Images to time on."
+)
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed run.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (median taken).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+_NUM_IMAGES = flags.DEFINE_integer(
+  "num_images", 1000, "--data synthetic: known normals (and test images)."
+)
+
+# Dense peak FLOP/s per device, for MFU: (float32, bfloat16). H100/H200 are
+# the figures measured on this project's machines (PERFORMANCE.md); the
+# others are the vendors' dense specs. Matched by substring of device_kind.
+PEAK_FLOPS = {
+  "H100": (60e12, 790e12),
+  "H200": (60e12, 790e12),
+  "A100": (19.5e12, 312e12),
+  "TPU v4": (None, 275e12),
+  "TPU v5 lite": (None, 197e12),
+  "TPU v5p": (None, 459e12),
+  "TPU v6": (None, 918e12),
+}
+
+
+def peak_flops(device: jax.Device, dtype: str = "float32") -> float | None:
+  """The device's dense peak FLOP/s for `dtype`, or None if unknown."""
+  for kind, (f32, bf16) in PEAK_FLOPS.items():
+    if kind in device.device_kind:
+      return bf16 if dtype == "bfloat16" else f32
+  return None
+
+
+def synthetic_data(config, num_images: int) -> oneclass.OneClassData:
+  """Random uint8 images shaped like the config's data (seeded)."""
+  rng = np.random.default_rng(0)
+  size = config.data.image_size
+  shape = (size, size, config.data.get("channels", 1))
+  unlabeled = config.data.get("unlabeled_size", 0)
+
+  def images(n):
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+
+  return oneclass.OneClassData(
+    name="synthetic",
+    normal=images(num_images),
+    unlabeled=images(unlabeled),
+    unlabeled_labels=np.zeros(unlabeled, np.int32),
+    test=images(num_images),
+    test_labels=np.arange(num_images, dtype=np.int32) % 2,
+    test_names=tuple(f"synthetic/{i}" for i in range(num_images)),
+  )
+
+
+def _flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # older jax: one dict per program
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _time_runs(run_once, steps: int, repeats: int) -> float:
+  """Median seconds per step over `repeats` runs of `steps` steps."""
+  per_step = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run_once(steps))
+    per_step.append((time.perf_counter() - start) / steps)
+  return statistics.median(per_step)
+
+
+def _rates(
+  seconds: float, flops: float | None, images: int, peak: float | None
+) -> dict:
+  out = {
+    "step_ms": 1e3 * seconds,
+    "images_per_s": images / seconds,
+    "flops_per_step": flops,
+    "tflops_per_s": flops / seconds / 1e12 if flops else None,
+  }
+  out["mfu"] = flops / seconds / peak if flops and peak else None
+  return out
+
+
+def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
+  """Times every training phase; returns (results, final state)."""
+  state = method.init_state(config, mesh)
+  peak = peak_flops(jax.devices()[0])
+  results = []
+  for phase in method.phases(config, data, mesh):
+    start = time.perf_counter()
+    compiled = phase.step_fn.lower(state, phase.inputs).compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def run(n, compiled=compiled, inputs=phase.inputs, holder=holder):
+      metrics = None
+      for _ in range(n):
+        holder[0], metrics = compiled(holder[0], inputs)
+      return metrics
+
+    jax.block_until_ready(run(warmup))
+    seconds = _time_runs(run, steps, repeats)
+    state = holder[0]
+    result = {"phase": phase.name, "compile_s": compile_s}
+    result |= _rates(seconds, _flops(compiled), phase.images_per_step, peak)
+    result["member_images_per_s"] = phase.member_images_per_step / seconds
+    results.append(result)
+    logging.info("bench %s: %s", phase.name, _summary(result))
+  return results, state
+
+
+def bench_scoring(method, config, state, data, mesh, *, steps, repeats):
+  """Times the jitted scoring step on one `eval.batch_size` batch."""
+  b = config.eval.batch_size
+  sharding.check_batch(b, mesh, "config.eval.batch_size")
+  images = jax.device_put(
+    data.test[np.arange(b) % len(data.test)], sharding.batch_sharded(mesh)
+  )
+  score = jax.jit(functools.partial(method.score_fn, config=config))
+  compiled = score.lower(state, images).compile()
+
+  def run(n):
+    return [compiled(state, images) for _ in range(n)][-1]
+
+  jax.block_until_ready(run(1))
+  seconds = _time_runs(run, steps, repeats)
+  peak = peak_flops(jax.devices()[0])
+  return {"batch_size": b} | _rates(seconds, _flops(compiled), b, peak)
+
+
+def bench_input(
+  config, workdir: str, *, synthetic: bool, num_images: int, batches: int = 20
+):
+  """Images/s of the grain pipeline alone (host side, no device work)."""
+  try:
+    from jaxad.data import pipeline  # grain and tfds: optional here
+  except ImportError as e:
+    return {"skipped": f"grain/tfds not installed ({e})"}
+  if synthetic:
+    source = pipeline.FakeSource(num_images, config.data.image_size)
+  else:
+    source = pipeline.data_source(config.data, workdir, "normal")
+  b = config.train.batch_size
+  it = iter(pipeline.grain_batches(source, batch_size=b, seed=0))
+  next(it)  # first batch pays the set-up
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  seconds = time.perf_counter() - start
+  return {"batch_size": b, "images_per_s": b * batches / seconds}
+
+
+def _summary(r: dict) -> str:
+  parts = [f"{r['step_ms']:.1f} ms/step", f"{r['images_per_s']:.1f} img/s"]
+  if "member_images_per_s" in r:
+    parts.append(f"{r['member_images_per_s']:.1f} member-img/s")
+  if r.get("tflops_per_s"):
+    parts.append(f"{r['tflops_per_s']:.3f} TFLOP/s")
+  if r.get("mfu"):
+    parts.append(f"MFU {100 * r['mfu']:.1f}%")
+  return ", ".join(parts)
+
+
+def run(
+  config,
+  workdir: str,
+  *,
+  synthetic: bool = True,
+  num_images: int = 1000,
+  steps: int = 10,
+  repeats: int = 5,
+  warmup: int = 2,
+) -> dict:
+  """All measurements for `config`, as a JSON-able dict."""
+  method = importlib.import_module(f"jaxad.methods.{config.method}")
+  mesh = sharding.make_mesh(config.mesh)
+  if synthetic:
+    data = synthetic_data(config, num_images)
+  else:
+    data = oneclass.load(config.data, workdir)
+  device = jax.devices()[0]
+  phases, state = bench_phases(
+    method,
+    config,
+    data,
+    mesh,
+    steps=steps,
+    repeats=repeats,
+    warmup=warmup,
+  )
+  scoring = bench_scoring(
+    method, config, state, data, mesh, steps=steps, repeats=repeats
+  )
+  memory = device.memory_stats() or {}
+  return {
+    "method": config.method,
+    "data": data.name,
+    "backend": jax.default_backend(),
+    "device_kind": device.device_kind,
+    "num_devices": jax.device_count(),
+    "jax_version": jax.__version__,
+    "peak_flops_per_s": peak_flops(device),
+    "train": phases,
+    "scoring": scoring,
+    "input_pipeline": bench_input(
+      config, workdir, synthetic=synthetic, num_images=num_images
+    ),
+    "peak_memory_bytes": memory.get("peak_bytes_in_use"),
+  }
+
+
+def main(argv):
+  del argv
+  cli.setup_logging()
+  sharding.initialize_distributed()
+  config = cli.CONFIG.value
+  with tempfile.TemporaryDirectory() as tmp:
+    result = run(
+      config,
+      cli.WORKDIR.value or tmp,
+      synthetic=_DATA.value == "synthetic",
+      num_images=_NUM_IMAGES.value,
+      steps=_STEPS.value,
+      repeats=_REPEATS.value,
+      warmup=_WARMUP.value,
+    )
+  print(
+    f"jaxad.bench {config.method} on {result['device_kind']} "
+    f"x{result['num_devices']} (jax {result['jax_version']})"
+  )
+  for r in result["train"]:
+    print(f"  train {r['phase']:<10} {_summary(r)}")
+  print(
+    f"  scoring    {_summary(result['scoring'])} "
+    f"(batch {result['scoring']['batch_size']})"
+  )
+  inp = result["input_pipeline"]
+  print(
+    f"  input      {inp.get('images_per_s', 0):.0f} img/s"
+    if "images_per_s" in inp
+    else f"  input      {inp['skipped']}"
+  )
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,61 @@
+"""Smoke test of `python -m jaxad.bench` (no timing assertions)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class BenchTest(absltest.TestCase):
+  def test_smoke_config_reports_every_phase_scoring_and_input(self):
+    out_json = os.path.join(tempfile.mkdtemp(), "bench.json")
+    out = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "jaxad.bench",
+        "--config=configs/ddad.py:smoke",
+        f"--json={out_json}",
+        "--steps=2",
+        "--repeats=1",
+        "--warmup=1",
+        "--num_images=64",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={
+        **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        "JAX_PLATFORMS": "cpu",
+      },
+    )
+    self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+    with open(out_json) as f:
+      result = json.load(f)
+    self.assertEqual(
+      [p["phase"] for p in result["train"]],
+      ["ensembles", "udm_tail", "refine"],
+    )
+    ensembles = result["train"][0]
+    # smoke: 2 + 2 members at batch 32, so 4 member-images per image.
+    self.assertAlmostEqual(
+      ensembles["member_images_per_s"], 4 * ensembles["images_per_s"]
+    )
+    for r in [*result["train"], result["scoring"]]:
+      self.assertGreater(r["images_per_s"], 0)
+      self.assertGreater(r["flops_per_step"], 0)
+      self.assertIsNone(r["mfu"])  # no known peak for a CPU
+    self.assertEqual(result["scoring"]["batch_size"], 64)
+    self.assertGreater(result["input_pipeline"]["images_per_s"], 0)
+    self.assertIn("member-img/s", out.stdout)
+
+
+if __name__ == "__main__":
+  absltest.main()
