@@ -58,6 +58,36 @@ class LayersTest(parameterized.TestCase):
       y_eval, (x - bn.mean[...]) / np.sqrt(bn.var[...] + 1e-5), atol=1e-4
     )
 
+  def test_batch_normalisation_gradients_match_autodiff_of_the_formula(self):
+    def textbook(x, scale, bias):
+      mean = jnp.mean(x, (0, 1, 2))
+      var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+      y = (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+      return y, mean, var
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = 3.0 + 2.0 * jax.random.normal(keys[0], (4, 5, 5, 3))
+    scale = jax.random.uniform(keys[1], (3,), minval=0.5, maxval=2.0)
+    bias = jax.random.normal(keys[2], (3,))
+    w_mean, w_var = jax.random.normal(keys[3], (2, 3))
+
+    def loss(fn):
+      def f(x, scale, bias):
+        y, mean, var = fn(x, scale, bias)
+        # A non-trivial cotangent for every output, statistics included.
+        return jnp.sum(jnp.sin(y) * y) + mean @ w_mean + var @ w_var
+
+      return jax.grad(f, argnums=(0, 1, 2))(x, scale, bias)
+
+    custom = loss(lambda x, s, b: layers.normalize_batch(x, s, b, 1e-5))
+    for got, want in zip(custom, loss(textbook), strict=True):
+      np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(
+      layers.normalize_batch(x, scale, bias, 1e-5)[0],
+      textbook(x, scale, bias)[0],
+      atol=2e-5,
+    )
+
   def test_pytorch_default_init_bounds(self):
     model = autoencoder.AutoEncoder(rngs=nnx.Rngs(0))
     first = np.asarray(model.enc_convs[0].kernel[...])  # fan_in 1*4*4
