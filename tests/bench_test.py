@@ -12,33 +12,39 @@ from absl.testing import absltest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def run_bench(config: str) -> tuple[subprocess.CompletedProcess, dict]:
+  """Runs `python -m jaxad.bench` briefly; returns (process, --json dict)."""
+  out_json = os.path.join(tempfile.mkdtemp(), "bench.json")
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxad.bench",
+      f"--config={config}",
+      f"--json={out_json}",
+      "--steps=2",
+      "--repeats=1",
+      "--warmup=1",
+      "--num_images=64",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={
+      **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+      "JAX_PLATFORMS": "cpu",
+    },
+  )
+  if out.returncode:
+    raise AssertionError(out.stderr[-3000:])
+  with open(out_json) as f:
+    return out, json.load(f)
+
+
 class BenchTest(absltest.TestCase):
-  def test_smoke_config_reports_every_phase_scoring_and_input(self):
-    out_json = os.path.join(tempfile.mkdtemp(), "bench.json")
-    out = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "jaxad.bench",
-        "--config=configs/ddad.py:smoke",
-        f"--json={out_json}",
-        "--steps=2",
-        "--repeats=1",
-        "--warmup=1",
-        "--num_images=64",
-      ],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      env={
-        **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-        "JAX_PLATFORMS": "cpu",
-      },
-    )
-    self.assertEqual(out.returncode, 0, out.stderr[-3000:])
-    with open(out_json) as f:
-      result = json.load(f)
+  def test_ddad_smoke_reports_every_phase_scoring_and_input(self):
+    out, result = run_bench("configs/ddad.py:smoke")
     self.assertEqual(
       [p["phase"] for p in result["train"]],
       ["ensembles", "udm_tail", "refine"],
@@ -55,6 +61,12 @@ class BenchTest(absltest.TestCase):
     self.assertEqual(result["scoring"]["batch_size"], 64)
     self.assertGreater(result["input_pipeline"]["images_per_s"], 0)
     self.assertIn("member-img/s", out.stdout)
+
+  def test_multiad_smoke(self):
+    _, result = run_bench("configs/multiad.py:smoke")
+    self.assertEqual([p["phase"] for p in result["train"]], ["multiad"])
+    self.assertGreater(result["train"][0]["flops_per_step"], 0)
+    self.assertGreater(result["scoring"]["images_per_s"], 0)
 
 
 if __name__ == "__main__":
