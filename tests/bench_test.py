@@ -62,6 +62,18 @@ class BenchTest(absltest.TestCase):
     self.assertGreater(result["input_pipeline"]["images_per_s"], 0)
     self.assertIn("member-img/s", out.stdout)
 
+  def test_step_timing_imports_neither_tfds_nor_grain(self):
+    # A GPU image may lack them; only data preparation needs them.
+    code = (
+      "import sys; sys.modules['tensorflow_datasets'] = None;"
+      " sys.modules['grain'] = None;"
+      " import jaxad.bench, jaxad.methods.ddad, jaxad.methods.multiad"
+    )
+    out = subprocess.run(
+      [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True
+    )
+    self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+
   def test_multiad_smoke(self):
     _, result = run_bench("configs/multiad.py:smoke")
     self.assertEqual([p["phase"] for p in result["train"]], ["multiad"])

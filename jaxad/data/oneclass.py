@@ -9,14 +9,16 @@ exactly what is cached.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from absl import logging
 
-from jaxad.data import builder as builder_lib
 from jaxad.data import layouts
 from jaxad.data import manifest as manifest_lib
+
+if TYPE_CHECKING:  # tfds is imported only to prepare data, not to train on
+  from jaxad.data import builder as builder_lib  # arrays (bench, GPU images)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,8 @@ def prepare(data: Any, workdir: str) -> builder_lib.OneClassDataset:
   Returns:
     The prepared tfds builder.
   """
+  from jaxad.data import builder as builder_lib
+
   manifest = layouts.build(data, workdir)
   return builder_lib.prepare(manifest, manifest_lib.get(data, "cache_dir", ""))
 
@@ -72,6 +76,8 @@ def load(data: Any, workdir: str) -> OneClassData:
     and the test masks where the layout has them.
   """
   builder = prepare(data, workdir)
+  from jaxad.data import builder as builder_lib
+
   normal = builder_lib.read_split(builder, "normal")
   unlabeled = builder_lib.read_split(builder, "unlabeled")
   test = builder_lib.read_split(builder, "test")
