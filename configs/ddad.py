@@ -61,6 +61,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     member_strategy="auto",
     log_every=20,  # steps between progress lines (one host sync each)
     checkpoint_every=200,  # steps between checkpoints
+    # Steps per jitted call (scanned; unrolled on CPU). >1 keeps Python out
+    # of the loop where dispatch dominates (GPU/TPU): measure with
+    # jaxad.bench. Results are the same for any value.
+    steps_per_call=1,
   )
   # DDAD-ASR's refinement stage (METHODS.md 1.8): an ASR-Net trained on the
   # ensembles' discrepancy maps of synthetic anomalies, after the ensembles,

@@ -112,6 +112,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     batch_size=16,  # Med-AD's batch
     log_every=20,  # steps between progress lines (one host sync each)
     checkpoint_every=200,  # steps between checkpoints
+    # Steps per jitted call (scanned; unrolled on CPU). >1 keeps Python out
+    # of the loop where dispatch dominates (GPU/TPU): measure with
+    # jaxad.bench. Results are the same for any value.
+    steps_per_call=1,
   )
   c.score = dict(
     fusion="product",  # product (Med-AD's "mul") | sum of the level maps

@@ -124,8 +124,12 @@ def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
   peak = peak_flops(jax.devices()[0])
   results = []
   for phase in method.phases(config, data, mesh):
+    # The call the loop makes: several steps per call when configured.
+    fn, per_call = phase.step_fn, 1
+    if phase.multi_step_fn is not None:
+      fn, per_call = phase.multi_step_fn, phase.steps_per_call
     start = time.perf_counter()
-    compiled = phase.step_fn.lower(state, phase.inputs).compile()
+    compiled = fn.lower(state, phase.inputs).compile()
     compile_s = time.perf_counter() - start
     holder = [state]
 
@@ -136,10 +140,20 @@ def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
       return metrics
 
     jax.block_until_ready(run(warmup))
-    seconds = _time_runs(run, steps, repeats)
+    calls = max(1, steps // per_call)
+    seconds = _time_runs(run, calls, repeats) / per_call
     state = holder[0]
-    result = {"phase": phase.name, "compile_s": compile_s}
-    result |= _rates(seconds, _flops(compiled), phase.images_per_step, peak)
+    result = {
+      "phase": phase.name,
+      "compile_s": compile_s,
+      "steps_per_call": per_call,
+    }
+    # XLA's cost analysis of a scanned loop counts its body once: take the
+    # FLOPs of one step from the single-step program.
+    one_step = compiled
+    if per_call > 1:
+      one_step = phase.step_fn.lower(holder[0], phase.inputs).compile()
+    result |= _rates(seconds, _flops(one_step), phase.images_per_step, peak)
     result["member_images_per_s"] = phase.member_images_per_step / seconds
     results.append(result)
     logging.info("bench %s: %s", phase.name, _summary(result))

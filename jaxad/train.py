@@ -20,6 +20,7 @@ from jaxad.data import oneclass
 _RESUMABLE_CHANGES = (
   "train.log_every",
   "train.checkpoint_every",
+  "train.steps_per_call",
   "data.cache_dir",
   "eval.batch_size",
 )

@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from configs import ddad as ddad_config
-from jaxad import sharding
+from jaxad import loop, sharding
 from jaxad.data import oneclass, resident
 from jaxad.methods import ddad
 
@@ -186,6 +186,30 @@ class TrainStepTest(parameterized.TestCase):
       config.mesh.data = devices
       runs.append(self.run_steps(config, sharding.make_mesh(config.mesh)))
     self.assert_same_run(*runs)
+
+  def test_several_steps_per_call_match_single_steps(self):
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh)
+    single = self.run_steps(config, mesh, num_steps=4)
+    state = ddad.init_state(config, mesh)
+    phase = ddad.phases(config, tiny_data(), mesh)[0]
+    # The scanned loop of GPU/TPU (CPU unrolls the same steps).
+    multi = jax.jit(loop.repeat_steps(phase.step_fn, 2, unroll=False))
+    history = []
+    for _ in range(2):
+      state, metrics = multi(state, phase.inputs)
+      history.append(metrics)
+    self.assertEqual(int(state.step), 4)
+    _, stats, singles = single
+    for call, metrics in enumerate(jax.device_get(history)):
+      for k, v in metrics.items():
+        want = np.mean([singles[2 * call + i][k] for i in range(2)])
+        np.testing.assert_allclose(v, want, rtol=2e-3)
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-4),
+      jax.device_get(state.batch_stats),
+      stats,
+    )
 
   def test_batch_must_divide_devices(self):
     config = tiny_config()

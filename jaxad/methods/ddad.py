@@ -332,28 +332,35 @@ def phases(
   def jitted(modules):
     # Replicated outputs: the state stays replicated, and metrics can be
     # fetched on every host.
-    return jax.jit(
+    return loop.jit_steps(
       functools.partial(train_step, modules=modules, **common),
-      donate_argnums=0,
+      steps_per_call=config.train.steps_per_call,
       out_shardings=sharding.replicated(mesh),
     )
 
+  k_call = config.train.steps_per_call
+  single, multi = jitted(MODULES)
+  tail_single, tail_multi = jitted(("udm",))
   phases = [
     loop.Phase(
       "ensembles",
       steps["ndm"],
-      jitted(MODULES),
+      single,
       images,
       member_images_per_step=2 * k * b,
       images_per_step=b,
+      multi_step_fn=multi,
+      steps_per_call=k_call,
     ),
     loop.Phase(
       "udm_tail",
       steps["udm"] - steps["ndm"],
-      jitted(("udm",)),
+      tail_single,
       images,
       member_images_per_step=k * b,
       images_per_step=b,
+      multi_step_fn=tail_multi,
+      steps_per_call=k_call,
     ),
   ]
   if config.refine.enabled:

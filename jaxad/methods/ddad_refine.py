@@ -176,11 +176,17 @@ def phase(
     noise_key=jax.random.fold_in(root, 1),
     batch_sharding=sharding.batch_sharded(mesh),
   )
+  k = config.train.steps_per_call
+  single, multi = loop.jit_steps(
+    step, steps_per_call=k, out_shardings=sharding.replicated(mesh)
+  )
   return loop.Phase(
     "refine",
     r.epochs * (num_normal // r.batch_size),
-    jax.jit(step, donate_argnums=0, out_shardings=sharding.replicated(mesh)),
+    single,
     images,
     member_images_per_step=r.batch_size,
     images_per_step=r.batch_size,
+    multi_step_fn=multi,
+    steps_per_call=k,
   )

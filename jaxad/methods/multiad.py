@@ -272,10 +272,11 @@ def _jitted_step(
   batch_size: int,
   adv_weight: float,
   disc_normalized: bool,
+  steps_per_call: int,
   mesh: jax.sharding.Mesh,
 ):
-  """The jitted `train_step`; cached, so a resumed run in the same process
-  (tests) reuses its compilation."""
+  """The jitted (single, multi-step) `train_step`s; cached, so a resumed
+  run in the same process (tests) reuses their compilation."""
   step = functools.partial(
     train_step,
     num_images=num_images,
@@ -287,8 +288,10 @@ def _jitted_step(
   # The state is donated: the student's and D's buffers are updated in
   # place, the teacher's pass through. Replicated outputs: the state stays
   # replicated, and metrics can be fetched on every host.
-  return jax.jit(
-    step, donate_argnums=0, out_shardings=sharding.replicated(mesh)
+  return loop.jit_steps(
+    step,
+    steps_per_call=steps_per_call,
+    out_shardings=sharding.replicated(mesh),
   )
 
 
@@ -316,17 +319,20 @@ def phases(
     "data_key": jax.random.fold_in(root, 0),
     "noise_key": jax.random.fold_in(root, 1),
   }
-  step = _jitted_step(
-    n, b, float(config.loss.adv_weight), config.model.disc_normalized, mesh
+  k = config.train.steps_per_call
+  single, multi = _jitted_step(
+    n, b, float(config.loss.adv_weight), config.model.disc_normalized, k, mesh
   )
   return [
     loop.Phase(
       "multiad",
       config.epochs * (n // b),
-      step,
+      single,
       jax.device_put(inputs, sharding.replicated(mesh)),
       member_images_per_step=b,
       images_per_step=b,
+      multi_step_fn=multi,
+      steps_per_call=k,
     )
   ]
 
