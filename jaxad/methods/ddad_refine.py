@@ -17,7 +17,7 @@ import ml_collections as mlc
 import optax
 from flax import nnx
 
-from jaxad import loop, sharding
+from jaxad import loop, optim, sharding
 from jaxad.data import resident, synthesis
 from jaxad.models import refine
 
@@ -45,11 +45,7 @@ def build(config: mlc.ConfigDict):
   model = nnx.eval_shape(
     lambda: refine.ASRNet(in_channels=len(INPUTS[r.inputs]), rngs=nnx.Rngs(0))
   )
-  tx = optax.chain(
-    optax.add_decayed_weights(r.weight_decay),
-    optax.scale_by_adam(b1=r.b1, b2=r.b2),
-    optax.scale(-r.lr),
-  )
+  tx = optim.adam_l2(r.lr, r.weight_decay, r.b1, r.b2)
   return nnx.graphdef(model), tx
 
 

@@ -29,7 +29,7 @@ import ml_collections as mlc
 import optax
 from flax import nnx
 
-from jaxad import loop, sharding
+from jaxad import loop, optim, sharding
 from jaxad.data import oneclass, resident
 from jaxad.methods import multiad_losses as losses
 from jaxad.methods import multiad_nets as nets
@@ -97,8 +97,8 @@ def init_state(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
   teacher_params, teacher_stats = nets.load_teacher(config, mesh)
   o = config.optim
   txs = {
-    "student": nets.adam_l2(o.lr, o.weight_decay, o.b1, o.b2),
-    "disc": nets.adam_l2(o.disc_lr, o.disc_weight_decay, o.b1, o.b2),
+    "student": optim.adam_l2(o.lr, o.weight_decay, o.b1, o.b2),
+    "disc": optim.adam_l2(o.disc_lr, o.disc_weight_decay, o.b1, o.b2),
   }
   kinds = {
     "teacher": ("resnet", nets.resnet_kwargs(config, "teacher")),

@@ -12,7 +12,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import optax
 from absl import logging
 from flax import nnx
 
@@ -80,20 +79,6 @@ def _layer4_shape(kw: tuple, size: int) -> tuple[int, ...]:
   return jax.eval_shape(
     lambda s, x: nnx.merge(gd, s)(x, train=False)["layer4"], state, x
   ).shape
-
-
-@functools.lru_cache(maxsize=16)
-def adam_l2(lr: float, weight_decay: float, b1: float, b2: float):
-  """PyTorch's Adam(weight_decay=...): L2 added to the gradient (coupled).
-
-  Cached: a rebuilt state gets the same optimizer object, so its pytree
-  structure, and with it every jit cache entry, stays the same.
-  """
-  return optax.chain(
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_adam(b1=b1, b2=b2),
-    optax.scale(-lr),
-  )
 
 
 def _split(module) -> tuple[dict, dict]:
