@@ -59,6 +59,11 @@ PEAK_FLOPS = {
 }
 
 
+def compute_dtype(config) -> str:
+  """The config's compute dtype name (float32 where the method has none)."""
+  return config.get("model", {}).get("compute_dtype", "float32")
+
+
 def peak_flops(device: jax.Device, dtype: str = "float32") -> float | None:
   """The device's dense peak FLOP/s for `dtype`, or None if unknown."""
   for kind, (f32, bf16) in PEAK_FLOPS.items():
@@ -121,7 +126,7 @@ def _rates(
 def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
   """Times every training phase; returns (results, final state)."""
   state = method.init_state(config, mesh)
-  peak = peak_flops(jax.devices()[0])
+  peak = peak_flops(jax.devices()[0], compute_dtype(config))
   results = []
   for phase in method.phases(config, data, mesh):
     # The call the loop makes: several steps per call when configured.
@@ -175,7 +180,7 @@ def bench_scoring(method, config, state, data, mesh, *, steps, repeats):
 
   jax.block_until_ready(run(1))
   seconds = _time_runs(run, steps, repeats)
-  peak = peak_flops(jax.devices()[0])
+  peak = peak_flops(jax.devices()[0], compute_dtype(config))
   return {"batch_size": b} | _rates(seconds, _flops(compiled), b, peak)
 
 
@@ -250,7 +255,8 @@ def run(
     "device_kind": device.device_kind,
     "num_devices": jax.device_count(),
     "jax_version": jax.__version__,
-    "peak_flops_per_s": peak_flops(device),
+    "compute_dtype": compute_dtype(config),
+    "peak_flops_per_s": peak_flops(device, compute_dtype(config)),
     "train": phases,
     "scoring": scoring,
     "input_pipeline": bench_input(
@@ -277,7 +283,8 @@ def main(argv):
     )
   print(
     f"jaxad.bench {config.method} on {result['device_kind']} "
-    f"x{result['num_devices']} (jax {result['jax_version']})"
+    f"x{result['num_devices']}, {result['compute_dtype']} compute "
+    f"(jax {result['jax_version']})"
   )
   for r in result["train"]:
     print(f"  train {r['phase']:<10} {_summary(r)}")

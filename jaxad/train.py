@@ -24,6 +24,9 @@ _RESUMABLE_CHANGES = (
   "data.cache_dir",
   "eval.batch_size",
 )
+# Keys added after runs were written without them, with the value that
+# reproduces what those runs did: resuming such a run is allowed.
+_ADDED_KEYS = {"model.compute_dtype": "float32"}
 
 
 def _check_config(config: mlc.ConfigDict, workdir: str) -> None:
@@ -33,6 +36,7 @@ def _check_config(config: mlc.ConfigDict, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
+    old = {**{k: v for k, v in _ADDED_KEYS.items() if k in flat}, **old}
     # A refinement stage may be added to a run trained without one.
     adding_stage = not old.get("refine.enabled", False)
     diff = sorted(

@@ -211,6 +211,21 @@ class TrainStepTest(parameterized.TestCase):
       stats,
     )
 
+  def test_bfloat16_compute_trains_float32_parameters(self):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+      config = tiny_config()
+      config.model.compute_dtype = dtype
+      runs[dtype] = self.run_steps(config, sharding.make_mesh(config.mesh))
+    params, stats, history = runs["bfloat16"]
+    for leaf in jax.tree.leaves((params, stats)):
+      self.assertEqual(leaf.dtype, np.float32)
+    for got, want in zip(history, runs["float32"][2], strict=True):
+      for k in ("ndm_loss", "udm_loss"):
+        self.assertTrue(np.isfinite(got[k]))
+        np.testing.assert_allclose(got[k], want[k], rtol=0.05)
+        self.assertNotEqual(got[k], want[k])
+
   def test_batch_must_divide_devices(self):
     config = tiny_config()
     config.train.batch_size = 12

@@ -28,6 +28,17 @@ class ASRNetTest(absltest.TestCase):
       r_intra(jnp.zeros((1, 8, 8, 1)), train=False).shape, (1, 8, 8, 2)
     )
 
+  def test_bfloat16_compute_gives_float32_logits_close_to_float32(self):
+    maps = jax.random.uniform(jax.random.key(1), (2, 16, 16, 2))
+    nets = [
+      refine.ASRNet(dtype=d, rngs=nnx.Rngs(0))
+      for d in (jnp.float32, jnp.bfloat16)
+    ]
+    want, got = (net(maps, train=True) for net in nets)
+    self.assertEqual(got.dtype, jnp.float32)
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, atol=0.05 * scale)
+
 
 class SynthesisTest(absltest.TestCase):
   def setUp(self):

@@ -78,6 +78,19 @@ class TrainTest(absltest.TestCase):
   def workdir(self, name):
     return os.path.join(self.tmp, name)
 
+  def test_run_written_before_compute_dtype_existed_resumes(self):
+    workdir = self.workdir("old_config")
+    os.makedirs(workdir)
+    old = json.loads(self.config.to_json())
+    del old["model"]["compute_dtype"]
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(old, f)
+    train._check_config(self.config, workdir)  # float32: what it did
+    bf16 = self.config.copy_and_resolve_references()
+    bf16.model.compute_dtype = "bfloat16"
+    with self.assertRaisesRegex(ValueError, "model.compute_dtype"):
+      train._check_config(bf16, workdir)
+
   def test_interrupted_run_resumes_to_the_same_result(self):
     full = train.run(self.config, self.workdir("full"))
     self.assertEqual(

@@ -25,7 +25,7 @@ from flax import nnx
 from jaxad import loop, sharding
 from jaxad.data import oneclass, resident
 from jaxad.methods import ddad_refine
-from jaxad.models import autoencoder
+from jaxad.models import autoencoder, layers
 
 Array = jax.Array
 MODULES = ("ndm", "udm")
@@ -126,6 +126,7 @@ def build_model(config: mlc.ConfigDict, rngs: nnx.Rngs):
     width=m.width,
     memory_slots=m.memory_slots,
     upsample=m.upsample,
+    dtype=layers.compute_dtype(m.compute_dtype),
     rngs=rngs,
   )
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxad import loop, optim, sharding
 from jaxad.data import resident, synthesis
-from jaxad.models import refine
+from jaxad.models import layers, refine
 
 Array = jax.Array
 INPUTS = {"dual": ("inter", "intra"), "intra": ("intra",)}
@@ -35,6 +35,14 @@ def score_name(config: mlc.ConfigDict) -> str:
   return f"r_{config.refine.inputs}"
 
 
+def _asr_net(config: mlc.ConfigDict, rngs: nnx.Rngs) -> refine.ASRNet:
+  return refine.ASRNet(
+    in_channels=len(INPUTS[config.refine.inputs]),
+    dtype=layers.compute_dtype(config.model.compute_dtype),
+    rngs=rngs,
+  )
+
+
 def build(config: mlc.ConfigDict):
   """(graphdef, optimizer) of the ASR-Net.
 
@@ -42,18 +50,14 @@ def build(config: mlc.ConfigDict):
   added to the gradient before the moment estimates.
   """
   r = config.refine
-  model = nnx.eval_shape(
-    lambda: refine.ASRNet(in_channels=len(INPUTS[r.inputs]), rngs=nnx.Rngs(0))
-  )
+  model = nnx.eval_shape(lambda: _asr_net(config, nnx.Rngs(0)))
   tx = optim.adam_l2(r.lr, r.weight_decay, r.b1, r.b2)
   return nnx.graphdef(model), tx
 
 
 def init(config: mlc.ConfigDict, key: Array, tx) -> tuple:
   """(params, batch_stats, opt_state) of a fresh ASR-Net."""
-  net = refine.ASRNet(
-    in_channels=len(INPUTS[config.refine.inputs]), rngs=nnx.Rngs(key)
-  )
+  net = _asr_net(config, nnx.Rngs(key))
   params = nnx.state(net, nnx.Param).to_pure_dict()
   return params, nnx.state(net, nnx.BatchStat).to_pure_dict(), tx.init(params)
 

@@ -11,6 +11,11 @@
   followed by depth-to-space ("sub-pixel"). Both express exactly the same map
   from the same kernel; the sub-pixel form avoids XLA CPU's slow backward pass
   of strided transposed convolutions (docs: PERFORMANCE.md).
+
+Mixed precision: `conv`, `linear` and `UpConv2x` take a compute `dtype`
+(parameters stay float32; inputs and kernels are cast for the op), and
+`BatchNorm` always computes its statistics and normalisation in float32,
+returning its input's dtype.
 """
 
 import functools
@@ -22,6 +27,16 @@ import numpy as np
 from flax import nnx
 
 Array = jax.Array
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, key: str = "config.model.compute_dtype"):
+  """The jnp dtype called `name`; a ValueError naming `key` otherwise."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(
+      f"{key} must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}"
+    )
+  return COMPUTE_DTYPES[name]
 
 
 def torch_uniform(fan_in: int):
@@ -43,8 +58,10 @@ def conv(
   padding: int,
   use_bias: bool,
   rngs: nnx.Rngs,
+  dtype=jnp.float32,
 ) -> nnx.Conv:
-  """A `torch.nn.Conv2d` equivalent (NHWC), PyTorch-initialised."""
+  """A `torch.nn.Conv2d` equivalent (NHWC), PyTorch-initialised; computes in
+  `dtype` with float32 parameters."""
   fan_in = in_ch * kernel * kernel
   return nnx.Conv(
     in_ch,
@@ -55,17 +72,24 @@ def conv(
     use_bias=use_bias,
     kernel_init=torch_uniform(fan_in),
     bias_init=torch_uniform(fan_in),
+    dtype=dtype,
+    param_dtype=jnp.float32,
     rngs=rngs,
   )
 
 
-def linear(in_f: int, out_f: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-  """A `torch.nn.Linear` equivalent, PyTorch-initialised."""
+def linear(
+  in_f: int, out_f: int, *, rngs: nnx.Rngs, dtype=jnp.float32
+) -> nnx.Linear:
+  """A `torch.nn.Linear` equivalent, PyTorch-initialised; computes in `dtype`
+  with float32 parameters."""
   return nnx.Linear(
     in_f,
     out_f,
     kernel_init=torch_uniform(in_f),
     bias_init=torch_uniform(in_f),
+    dtype=dtype,
+    param_dtype=jnp.float32,
     rngs=rngs,
   )
 
@@ -88,6 +112,8 @@ class BatchNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: Array, *, train: bool) -> Array:
+    """Normalises x [..., C] in float32 and returns x's dtype."""
+    dtype, x = x.dtype, x.astype(jnp.float32)
     if train:
       y, mean, var = normalize_batch(
         x, self.scale[...], self.bias[...], self.eps
@@ -96,9 +122,9 @@ class BatchNorm(nnx.Module):
       m = self.momentum
       self.mean[...] = (1 - m) * self.mean[...] + m * mean
       self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
-      return y
+      return y.astype(dtype)
     inv = jax.lax.rsqrt(self.var[...] + self.eps) * self.scale[...]
-    return x * inv + (self.bias[...] - self.mean[...] * inv)
+    return (x * inv + (self.bias[...] - self.mean[...] * inv)).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -213,7 +239,7 @@ def conv_transpose_4s2p1(x: Array, kernel: Array, *, method: str) -> Array:
       dimension_numbers=_DIMS,
     )
   raise ValueError(
-    f"upsample method must be 'subpixel', 'phases' or 'direct', got {method!r}"
+    f"upsample method must be 'subpixel' or 'direct', got {method!r}"
   )
 
 
@@ -227,11 +253,18 @@ class UpConv2x(nnx.Module):
     *,
     method: str,
     rngs: nnx.Rngs,
+    dtype=jnp.float32,
   ):
     # PyTorch computes fan_in of a transposed conv from weight dim 1 (= out).
     init = torch_uniform(out_ch * 16)
     self.kernel = nnx.Param(init(rngs.params(), (4, 4, in_ch, out_ch)))
     self.method = method
+    self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    return conv_transpose_4s2p1(x, self.kernel[...], method=self.method)
+    """[B, H, W, I] -> [B, 2H, 2W, O] in the compute dtype."""
+    return conv_transpose_4s2p1(
+      x.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      method=self.method,
+    )
