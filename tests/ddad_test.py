@@ -122,16 +122,29 @@ class SamplingTest(absltest.TestCase):
     np.testing.assert_array_equal(first, epoch(keys[0], 0))
 
 
-class TrainStepTest(parameterized.TestCase):
-  def run_steps(self, config, mesh, num_steps=2):
-    state = ddad.init_state(config, mesh)
-    phase = ddad.phases(config, tiny_data(), mesh)[0]
-    history = []
-    for _ in range(num_steps):
-      state, metrics = phase.step_fn(state, phase.inputs)
-      history.append(metrics)
-    return jax.device_get((state.params, state.batch_stats, history))
+def run_steps(config, mesh, num_steps=2):
+  """(params, batch_stats, [metrics per step]) on the host."""
+  state = ddad.init_state(config, mesh)
+  phase = ddad.phases(config, tiny_data(), mesh)[0]
+  history = []
+  for _ in range(num_steps):
+    state, metrics = phase.step_fn(state, phase.inputs)
+    history.append(metrics)
+  return jax.device_get((state.params, state.batch_stats, history))
 
+
+@functools.cache
+def reference_run():
+  """tiny_config's first 2 steps: one device, float32, members unrolled.
+
+  Computed once for the tests that compare another setting against it.
+  """
+  config = tiny_config()
+  config.train.member_strategy = "unroll"
+  return run_steps(config, sharding.make_mesh(config.mesh))
+
+
+class TrainStepTest(parameterized.TestCase):
   def assert_same_run(self, a, b):
     """Same losses/gradient norms and BN statistics, step by step.
 
@@ -155,10 +168,7 @@ class TrainStepTest(parameterized.TestCase):
     )
 
   def test_members_differ_and_loss_is_finite(self):
-    config = tiny_config()
-    params, _, (metrics,) = self.run_steps(
-      config, sharding.make_mesh(config.mesh), num_steps=1
-    )
+    params, _, history = reference_run()
     kernel = params["ndm"]["enc_fc1"]["kernel"]
     self.assertEqual(kernel.shape[0], 2)
     self.assertFalse(np.allclose(kernel[0], kernel[1]))
@@ -167,30 +177,28 @@ class TrainStepTest(parameterized.TestCase):
         params["ndm"]["enc_fc1"]["kernel"], params["udm"]["enc_fc1"]["kernel"]
       )
     )
-    for v in metrics.values():
-      self.assertTrue(np.isfinite(v))
+    for metrics in history:
+      for v in metrics.values():
+        self.assertTrue(np.isfinite(v))
 
   def test_unroll_and_vmap_agree(self):
-    runs = []
-    for strategy in ("unroll", "vmap"):
-      config = tiny_config()
-      config.train.member_strategy = strategy
-      runs.append(self.run_steps(config, sharding.make_mesh(config.mesh)))
-    self.assert_same_run(*runs)
+    config = tiny_config()
+    config.train.member_strategy = "vmap"
+    vmap = run_steps(config, sharding.make_mesh(config.mesh))
+    self.assert_same_run(reference_run(), vmap)
 
   def test_sharded_step_matches_single_device(self):
     self.assertEqual(jax.device_count(), 8, "conftest fakes 8 CPU devices")
-    runs = []
-    for devices in (1, 8):
-      config = tiny_config()
-      config.mesh.data = devices
-      runs.append(self.run_steps(config, sharding.make_mesh(config.mesh)))
-    self.assert_same_run(*runs)
+    config = tiny_config()
+    config.mesh.data = 8
+    config.train.member_strategy = "unroll"
+    sharded = run_steps(config, sharding.make_mesh(config.mesh))
+    self.assert_same_run(reference_run(), sharded)
 
   def test_several_steps_per_call_match_single_steps(self):
     config = tiny_config()
     mesh = sharding.make_mesh(config.mesh)
-    single = self.run_steps(config, mesh, num_steps=4)
+    single = run_steps(config, mesh, num_steps=4)
     state = ddad.init_state(config, mesh)
     phase = ddad.phases(config, tiny_data(), mesh)[0]
     # The scanned loop of GPU/TPU (CPU unrolls the same steps).
@@ -212,15 +220,12 @@ class TrainStepTest(parameterized.TestCase):
     )
 
   def test_bfloat16_compute_trains_float32_parameters(self):
-    runs = {}
-    for dtype in ("float32", "bfloat16"):
-      config = tiny_config()
-      config.model.compute_dtype = dtype
-      runs[dtype] = self.run_steps(config, sharding.make_mesh(config.mesh))
-    params, stats, history = runs["bfloat16"]
+    config = tiny_config(compute_dtype="bfloat16")
+    config.train.member_strategy = "unroll"
+    params, stats, history = run_steps(config, sharding.make_mesh(config.mesh))
     for leaf in jax.tree.leaves((params, stats)):
       self.assertEqual(leaf.dtype, np.float32)
-    for got, want in zip(history, runs["float32"][2], strict=True):
+    for got, want in zip(history, reference_run()[2], strict=True):
       for k in ("ndm_loss", "udm_loss"):
         self.assertTrue(np.isfinite(got[k]))
         np.testing.assert_allclose(got[k], want[k], rtol=0.05)
