@@ -58,7 +58,7 @@ def prepare(data: Any, workdir: str) -> builder_lib.OneClassDataset:
   Returns:
     The prepared tfds builder.
   """
-  from jaxad.data import builder as builder_lib
+  from jaxad.data import builder as builder_lib  # tfds: see the top
 
   manifest = layouts.build(data, workdir)
   return builder_lib.prepare(manifest, manifest_lib.get(data, "cache_dir", ""))
@@ -75,9 +75,9 @@ def load(data: Any, workdir: str) -> OneClassData:
     The known normals, unlabeled pool and test split as [N, S, S, C] uint8,
     and the test masks where the layout has them.
   """
-  builder = prepare(data, workdir)
-  from jaxad.data import builder as builder_lib
+  from jaxad.data import builder as builder_lib  # tfds: see the top
 
+  builder = prepare(data, workdir)
   normal = builder_lib.read_split(builder, "normal")
   unlabeled = builder_lib.read_split(builder, "unlabeled")
   test = builder_lib.read_split(builder, "test")
