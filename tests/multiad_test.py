@@ -368,6 +368,8 @@ class EndToEndTest(absltest.TestCase):
     ckpt = checkpoint.Checkpointer(os.path.join(resumed_dir, "checkpoints"))
     self.assertEqual(ckpt.latest_step(), 3)
     ckpt.close()
+    # Exact: a resumed run executes the same compiled step program on the
+    # same restored bits, and XLA CPU is deterministic for one program.
     self.assertEqual(train.run(config, resumed_dir), full)
 
     # jaxad.evaluate restores (the teacher is rebuilt) and re-scores.

@@ -117,6 +117,8 @@ class TrainTest(absltest.TestCase):
     )
     self.assertEqual(ckpt.latest_step(), 5)  # saved on Ctrl-C
     ckpt.close()
+    # Exact: a resumed run executes the same compiled step program on the
+    # same restored bits, and XLA CPU is deterministic for one program.
     self.assertEqual(train.run(self.config, self.workdir("resumed")), full)
 
     # jaxad.evaluate restores and re-scores without training.
