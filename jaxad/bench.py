@@ -1,9 +1,9 @@
 r"""Throughput of a config's training and scoring steps.
 
-  python -m jaxad.bench --config configs/ddad.py [--config.k=v ...] \
+  python -m jaxad.bench --config configs/<method>.py [--config.k=v ...] \
     [--json OUT.json] [--data synthetic|config] [--steps 10] [--repeats 5]
 
-For every training phase of the method (DDAD: ensembles, udm_tail, refine)
+For every training phase of the method (its `api.Phase`s, in order)
 it compiles the jitted step the training loop runs, warms it up, then times
 `--repeats` runs of `--steps` back-to-back steps (block_until_ready at the
 end of each run; the median is reported). It prints and writes:
@@ -20,8 +20,6 @@ config's data, so it needs no dataset, tfds or grain for the step timings;
 `--data config` loads the config's dataset as training does.
 """
 
-import functools
-import importlib
 import json
 import statistics
 import tempfile
@@ -31,7 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jaxad import cli, sharding
+from jaxad import cli, evaluate, loop, methods, sharding
 from jaxad.data import oneclass
 
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
@@ -125,20 +123,26 @@ def _rates(
 
 def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
   """Times every training phase; returns (results, final state)."""
-  state = method.init_state(config, mesh)
+  state = loop.place(method.init_state(config), mesh)
   peak = peak_flops(jax.devices()[0], compute_dtype(config))
   results = []
-  for phase in method.phases(config, data, mesh):
+  compiled_phases = loop.compile_phases(
+    method.phases(config, data), mesh, config.train.steps_per_call
+  )
+  for compiled_phase in compiled_phases:
+    phase = compiled_phase.phase
     # The call the loop makes: several steps per call when configured.
-    fn, per_call = phase.step_fn, 1
-    if phase.multi_step_fn is not None:
-      fn, per_call = phase.multi_step_fn, phase.steps_per_call
+    fn, per_call = compiled_phase.step_fn, 1
+    if compiled_phase.multi_step_fn is not None:
+      fn, per_call = compiled_phase.multi_step_fn, compiled_phase.steps_per_call
+    batches = None if phase.batches is None else phase.batches(0)
+    inputs = compiled_phase.next_inputs(batches)
     start = time.perf_counter()
-    compiled = fn.lower(state, phase.inputs).compile()
+    compiled = fn.lower(state, inputs).compile()
     compile_s = time.perf_counter() - start
     holder = [state]
 
-    def run(n, compiled=compiled, inputs=phase.inputs, holder=holder):
+    def run(n, compiled=compiled, inputs=inputs, holder=holder):
       metrics = None
       for _ in range(n):
         holder[0], metrics = compiled(holder[0], inputs)
@@ -157,26 +161,28 @@ def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
     # FLOPs of one step from the single-step program.
     one_step = compiled
     if per_call > 1:
-      one_step = phase.step_fn.lower(holder[0], phase.inputs).compile()
-    result |= _rates(seconds, _flops(one_step), phase.images_per_step, peak)
-    result["member_images_per_s"] = phase.member_images_per_step / seconds
+      one_step = compiled_phase.step_fn.lower(holder[0], inputs).compile()
+    result |= _rates(seconds, _flops(one_step), phase.batch_size, peak)
+    if phase.members > 1:
+      result["member_images_per_s"] = phase.batch_size * phase.members / seconds
     results.append(result)
     logging.info("bench %s: %s", phase.name, _summary(result))
   return results, state
 
 
-def bench_scoring(method, config, state, data, mesh, *, steps, repeats):
+def bench_scoring(method, config, model, data, mesh, *, steps, repeats):
   """Times the jitted scoring step on one `eval.batch_size` batch."""
   b = config.eval.batch_size
   sharding.check_batch(b, mesh, "config.eval.batch_size")
   images = jax.device_put(
     data.test[np.arange(b) % len(data.test)], sharding.batch_sharded(mesh)
   )
-  score = jax.jit(functools.partial(method.score_fn, config=config))
-  compiled = score.lower(state, images).compile()
+  context = method.score_context(config, model, data)
+  score = evaluate.score_fn(method, config, mesh)
+  compiled = score.lower(model, context, images).compile()
 
   def run(n):
-    return [compiled(state, images) for _ in range(n)][-1]
+    return [compiled(model, context, images) for _ in range(n)][-1]
 
   jax.block_until_ready(run(1))
   seconds = _time_runs(run, steps, repeats)
@@ -228,25 +234,27 @@ def run(
   warmup: int = 2,
 ) -> dict:
   """All measurements for `config`, as a JSON-able dict."""
-  method = importlib.import_module(f"jaxad.methods.{config.method}")
+  method = methods.get(config.method)
+  method.check_config(config)
   mesh = sharding.make_mesh(config.mesh)
   if synthetic:
     data = synthetic_data(config, num_images)
   else:
-    data = oneclass.load(config.data, workdir)
+    data = method.load_data(config, workdir)
   device = jax.devices()[0]
-  phases, state = bench_phases(
-    method,
-    config,
-    data,
-    mesh,
-    steps=steps,
-    repeats=repeats,
-    warmup=warmup,
-  )
-  scoring = bench_scoring(
-    method, config, state, data, mesh, steps=steps, repeats=repeats
-  )
+  with jax.set_mesh(mesh):
+    phases, state = bench_phases(
+      method,
+      config,
+      data,
+      mesh,
+      steps=steps,
+      repeats=repeats,
+      warmup=warmup,
+    )
+    scoring = bench_scoring(
+      method, config, state.model(), data, mesh, steps=steps, repeats=repeats
+    )
   memory = device.memory_stats() or {}
   return {
     "method": config.method,

@@ -3,7 +3,7 @@
 Only the state's pytree fields are written (steps, parameters, BatchNorm
 statistics, optimizer state); static fields (graph definitions, optimizers)
 and frozen networks are rebuilt from the config: a method keeps a frozen
-network (a pretrained teacher) in a state field named `frozen`, which is
+network (e.g. a pretrained one) in a state field named `frozen`, which is
 never written and always comes from the template. Restoring takes a freshly
 initialised state as the template, so shapes, dtypes and shardings come from
 the current config and mesh.
@@ -40,7 +40,7 @@ class Checkpointer:
     """Returns `template` with the latest checkpoint's values, or itself.
 
     A checkpoint may lack parts of the template: a stage added to a finished
-    run (e.g. DDAD's refinement after its ensembles) starts from the
+    run (a later stage added to a finished run) starts from the
     template's fresh initialisation, and is logged as such. Anything the
     template lacks, or a shape that differs, is an error.
     """

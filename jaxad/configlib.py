@@ -6,7 +6,7 @@ import ml_collections as mlc
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
   """Parses a config-file argument such as `"dataset=kermany,smoke"`.
 
-  `configs/ddad.py:smoke` passes "smoke" as `arg`. Each comma-separated item
+  `configs/<method>.py:smoke` passes "smoke" as `arg`. Each comma-separated item
   is `key=value` or a bare `key` (meaning True). Only keys given in
   `defaults` are accepted; values take the type of their default.
 

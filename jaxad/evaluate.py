@@ -1,6 +1,6 @@
 r"""Scores the test split with a trained state and writes WORKDIR/eval.json.
 
-  python -m jaxad.evaluate --config configs/ddad.py --workdir W [--report]
+  python -m jaxad.evaluate --config configs/<method>.py --workdir W [--report]
 
 restores the latest checkpoint in W (trained by `jaxad.train` with the same
 config) and re-scores without training. Writes:
@@ -14,7 +14,6 @@ config) and re-scores without training. Writes:
   overlays, index.html).
 """
 
-import importlib
 import json
 import os
 
@@ -23,12 +22,24 @@ import ml_collections as mlc
 import numpy as np
 from absl import app, flags, logging
 
-from jaxad import checkpoint, cli, metrics, report, sharding
-from jaxad.data import oneclass
+from jaxad import checkpoint, cli, loop, methods, metrics, report, sharding
+from jaxad.methods import api
 
 
-def score_images(score_fn, state, images: np.ndarray, batch_size: int, mesh):
-  """Runs a jitted `score_fn(state, images)` over [N, S, S, 1] uint8 images.
+def score_fn(method: api.Method, config: mlc.ConfigDict, mesh):
+  """The jitted `method.score(config, model, context, images)`.
+
+  Replicated outputs, so that every host can fetch all scores.
+  """
+  return jax.jit(
+    lambda model, context, images: method.score(config, model, context, images),
+    out_shardings=sharding.replicated(mesh),
+  )
+
+
+def score_images(score, model, context, images, batch_size: int, mesh):
+  """Runs a jitted `score(model, context, images)` over [N, S, S, C] uint8
+  images.
 
   The last batch is padded to the static batch size (one compile), and the
   padding is dropped from the results.
@@ -45,7 +56,7 @@ def score_images(score_fn, state, images: np.ndarray, batch_size: int, mesh):
     pad = batch_size - len(batch)
     if pad:
       batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
-    chunks.append(score_fn(state, jax.device_put(batch, data_sharding)))
+    chunks.append(score(model, context, jax.device_put(batch, data_sharding)))
   host = jax.device_get(chunks)
   return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *host)
 
@@ -53,28 +64,38 @@ def score_images(score_fn, state, images: np.ndarray, batch_size: int, mesh):
 def evaluate(
   config: mlc.ConfigDict,
   workdir: str,
-  method,
-  state,
-  data: oneclass.OneClassData,
+  method: api.Method,
+  model: api.Model,
+  data: api.EvalData,
   mesh,
   *,
   write_report: bool = False,
 ) -> dict:
   """Scores `data.test`, writes eval.json, scores.npz, maps.npz (and the
   visual report with `write_report`); returns the eval.json content."""
-  # Replicated outputs, so that every host can fetch all scores.
-  score_fn = jax.jit(
-    lambda s, x: method.score_fn(s, x, config=config),
-    out_shardings=sharding.replicated(mesh),
-  )
-  out = score_images(score_fn, state, data.test, config.eval.batch_size, mesh)
+  with jax.set_mesh(mesh):
+    context = method.score_context(config, model, data)
+    out = score_images(
+      score_fn(method, config, mesh),
+      model,
+      context,
+      data.test,
+      config.eval.batch_size,
+      mesh,
+    )
+  order = [s.name for s in method.scores(config)]
+  if set(out["scores"]) != set(order):
+    raise ValueError(
+      f"{config.method}.score returned scores {sorted(out['scores'])}, its "
+      f"scores() lists {order}"
+    )
   labels = np.asarray(data.test_labels)
   result = {
     "dataset": data.name,
     "num_normal": int(np.sum(labels == 0)),
     "num_abnormal": int(np.sum(labels == 1)),
     "scores": {
-      k: metrics.image_metrics(v, labels) for k, v in out["scores"].items()
+      k: metrics.image_metrics(out["scores"][k], labels) for k in order
     },
   }
   if data.test_masks is not None:
@@ -100,11 +121,10 @@ def evaluate(
     path = report.write(
       workdir,
       result,
-      data.test,
+      data,
       out["scores"],
       out["maps"],
-      labels,
-      data.test_names,
+      method.scores(config),
       config,
     )
     logging.info("Report written to %s/index.html", path)
@@ -143,18 +163,21 @@ def format_table(result: dict) -> str:
 
 
 def restore(config: mlc.ConfigDict, workdir: str):
-  """Builds the method's state for `config` and restores W's checkpoint."""
+  """The method, its trained `Model` from W's latest checkpoint, the mesh."""
   mesh = sharding.make_mesh(config.mesh)
-  method = importlib.import_module(f"jaxad.methods.{config.method}")
+  method = methods.get(config.method)
+  method.check_config(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(
-      f"No checkpoint in {workdir}/checkpoints: train "
-      "first with python -m jaxad.train"
-    )
-  state = ckpt.restore_latest(method.init_state(config, mesh))
-  ckpt.close()
-  return method, state, mesh
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(
+        f"No checkpoint in {workdir}/checkpoints: train "
+        "first with python -m jaxad.train"
+      )
+    state = ckpt.restore_latest(loop.place(method.init_state(config), mesh))
+  finally:
+    ckpt.close()
+  return method, state.model(), mesh
 
 
 _REPORT = flags.DEFINE_bool(
@@ -167,10 +190,10 @@ def main(argv):
   config, workdir = cli.CONFIG.value, cli.WORKDIR.value
   cli.setup_logging()
   sharding.initialize_distributed()
-  method, state, mesh = restore(config, workdir)
-  data = oneclass.load(config.data, workdir)
+  method, model, mesh = restore(config, workdir)
+  data = method.load_data(config, workdir)
   evaluate(
-    config, workdir, method, state, data, mesh, write_report=_REPORT.value
+    config, workdir, method, model, data, mesh, write_report=_REPORT.value
   )
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -22,23 +22,76 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxad import checkpoint
+from jaxad import checkpoint, sharding
+from jaxad.methods import api
 
 
 @dataclasses.dataclass(frozen=True)
-class Phase:
-  """A run of `num_steps` calls of `step_fn(state, inputs) -> (state, m)`."""
+class CompiledPhase:
+  """A method's `api.Phase` as the loop runs it: jitted, state-donating
+  steps that advance the global step, and the placed inputs."""
 
-  name: str
-  num_steps: int
+  phase: api.Phase
   step_fn: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
-  inputs: Any  # device-resident arrays passed (not donated) to every step
-  member_images_per_step: int  # images x ensemble members trained per step
-  images_per_step: int  # distinct images a step draws (its batch size)
-  # The same step run `steps_per_call` times per call (see `jit_steps`);
-  # None when steps_per_call is 1.
-  multi_step_fn: Callable[[Any, Any], tuple[Any, dict]] | None = None
-  steps_per_call: int = 1
+  # `steps_per_call` steps per call (see `jit_steps`); None when 1.
+  multi_step_fn: Callable[[Any, Any], tuple[Any, dict]] | None
+  steps_per_call: int
+  inputs: Any  # placed `phase.inputs` (None for a host-batch phase)
+  mesh: jax.sharding.Mesh
+
+  def next_inputs(self, batches: Iterator | None):
+    """The inputs of the next step: resident, or the next host batch."""
+    if batches is None:
+      return self.inputs
+    return jax.device_put(next(batches), sharding.batch_sharded(self.mesh))
+
+
+def place(tree, mesh: jax.sharding.Mesh):
+  """`tree` replicated over `mesh` (the state, resident inputs)."""
+  return jax.device_put(tree, sharding.replicated(mesh))
+
+
+def compile_phase(
+  phase: api.Phase, start: int, mesh: jax.sharding.Mesh, steps_per_call: int
+) -> CompiledPhase:
+  """Wraps `phase.step_fn` into the loop's jitted steps.
+
+  Args:
+    start: the global step at which the phase starts; the step function
+      gets `state.step - start` as its phase-local step.
+    steps_per_call: steps per jitted call (1 for host-batch phases, whose
+      every step needs a new input).
+  """
+  sharding.check_batch(phase.batch_size, mesh, f"config.{phase.batch_key}")
+  if (phase.inputs is None) == (phase.batches is None):
+    raise ValueError(
+      f"Phase {phase.name!r}: give exactly one of inputs and batches"
+    )
+
+  def step(state, inputs):
+    new, metrics = phase.step_fn(state, inputs, state.step - start)
+    return new.replace(step=state.step + 1), metrics
+
+  if phase.batches is not None:
+    steps_per_call = 1
+  single, multi = jit_steps(
+    step,
+    steps_per_call=steps_per_call,
+    out_shardings=sharding.replicated(mesh),
+  )
+  inputs = None if phase.inputs is None else place(phase.inputs, mesh)
+  return CompiledPhase(phase, single, multi, steps_per_call, inputs, mesh)
+
+
+def compile_phases(
+  phases: list[api.Phase], mesh: jax.sharding.Mesh, steps_per_call: int
+) -> list[CompiledPhase]:
+  """`compile_phase` of each phase, with its global start step."""
+  out, start = [], 0
+  for phase in phases:
+    out.append(compile_phase(phase, start, mesh, steps_per_call))
+    start += phase.num_steps
+  return out
 
 
 def repeat_steps(step: Callable, num_steps: int, *, unroll: bool) -> Callable:
@@ -116,7 +169,7 @@ def _format_eta(seconds: float) -> str:
 
 def train(
   state,
-  phases: list[Phase],
+  phases: list[CompiledPhase],
   *,
   workdir: str,
   checkpointer: checkpoint.Checkpointer,
@@ -127,66 +180,69 @@ def train(
   """Runs the phases from `state.step` on; returns the final state.
 
   Args:
-    state: a method's train state (restored or fresh); `state.step` is the
-      global step.
-    phases: run in order; phase i covers global steps
+    state: the method's state (restored or fresh), placed by `place`;
+      `state.step` is the global step.
+    phases: from `compile_phases`; phase i covers global steps
       [sum(n_<i), sum(n_<=i)).
     on_step: called with the global step after each dispatched step (tests
       use it to interrupt a run).
   """
-  total = sum(p.num_steps for p in phases)
+  total = sum(p.phase.num_steps for p in phases)
   step = int(state.step)
-  # Member-images still to train after each phase, for the ETA.
-  after = [
-    sum(q.num_steps * q.member_images_per_step for q in phases[i + 1 :])
-    for i in range(len(phases))
-  ]
+  # Work (images x members) still to do after each phase, for the ETA.
+  work = [p.phase.num_steps * _work_per_step(p.phase) for p in phases]
+  after = [sum(work[i + 1 :]) for i in range(len(phases))]
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   start = 0
   try:
-    for phase, later in zip(phases, after, strict=True):
+    for compiled, later in zip(phases, after, strict=True):
+      phase = compiled.phase
       end = start + phase.num_steps
       if step >= end:
         start = end
         continue
       logging.info(
-        "Phase %s: steps %d..%d of %d (%d member-images/step)",
+        "Phase %s: steps %d..%d of %d (batch %d%s)",
         phase.name,
         step,
         end,
         total,
-        phase.member_images_per_step,
+        phase.batch_size,
+        f" x {phase.members} members" if phase.members > 1 else "",
       )
+      batches = None if phase.batches is None else phase.batches(step - start)
       pending, t_last, step_last = [], time.perf_counter(), step
-      k = phase.steps_per_call
-      while step < end:
-        if k > 1 and _call_fits(step, k, end, log_every, checkpoint_every):
-          state, metrics = phase.multi_step_fn(state, phase.inputs)
-          pending.append((metrics, k))
-          step += k
-        else:
-          state, metrics = phase.step_fn(state, phase.inputs)
-          pending.append((metrics, 1))
-          step += 1
-        if on_step is not None:
-          on_step(step)
-        last = step == end
-        if step % log_every == 0 or last:
-          remaining = (end - step) * phase.member_images_per_step + later
-          _log(
-            phase,
-            step,
-            total,
-            remaining,
-            pending,
-            t_last,
-            step_last,
-            metrics_path,
-            checkpointer,
-          )
-          pending, t_last, step_last = [], time.perf_counter(), step
-        if step % checkpoint_every == 0 or last:
-          _save(checkpointer, step, state)
+      k = compiled.steps_per_call
+      with jax.set_mesh(compiled.mesh):
+        while step < end:
+          if k > 1 and _call_fits(step, k, end, log_every, checkpoint_every):
+            state, metrics = compiled.multi_step_fn(state, compiled.inputs)
+            pending.append((metrics, k))
+            step += k
+          else:
+            inputs = compiled.next_inputs(batches)
+            state, metrics = compiled.step_fn(state, inputs)
+            pending.append((metrics, 1))
+            step += 1
+          if on_step is not None:
+            on_step(step)
+          last = step == end
+          if step % log_every == 0 or last:
+            remaining = (end - step) * _work_per_step(phase) + later
+            _log(
+              phase,
+              step,
+              total,
+              remaining,
+              pending,
+              t_last,
+              step_last,
+              metrics_path,
+              checkpointer,
+            )
+            pending, t_last, step_last = [], time.perf_counter(), step
+          if step % checkpoint_every == 0 or last:
+            _save(checkpointer, step, state)
       start = end
   except KeyboardInterrupt:
     if (
@@ -208,6 +264,10 @@ def train(
   return state
 
 
+def _work_per_step(phase: api.Phase) -> int:
+  return phase.batch_size * phase.members
+
+
 def _log(
   phase, step, total, remaining, pending, t_last, step_last, path, checkpointer
 ):
@@ -225,12 +285,17 @@ def _log(
       f"{checkpointer.latest_step()}) is kept. Lower the learning rate or "
       "check the input data."
     )
-  dt = time.perf_counter() - t_last
-  rate = (step - step_last) * phase.member_images_per_step / max(dt, 1e-9)
-  eta = remaining / max(rate, 1e-9)
+  dt = max(time.perf_counter() - t_last, 1e-9)
+  images_per_s = (step - step_last) * phase.batch_size / dt
+  eta = remaining / max(images_per_s * phase.members, 1e-9)
   losses = " ".join(f"{k}={v:.5f}" for k, v in mean.items() if "loss" in k)
+  rate = f"{images_per_s:.0f} img/s"
+  record = dict(step=step, phase=phase.name, images_per_s=images_per_s)
+  if phase.members > 1:
+    rate += f" ({images_per_s * phase.members:.0f} member-img/s)"
+    record["member_images_per_s"] = images_per_s * phase.members
   logging.info(
-    "[%s] step %d/%d %s | %.0f member-img/s | ETA %s",
+    "[%s] step %d/%d %s | %s | ETA %s",
     phase.name,
     step,
     total,
@@ -238,10 +303,9 @@ def _log(
     rate,
     _format_eta(eta),
   )
-  record = dict(step=step, phase=phase.name, member_images_per_s=rate, **mean)
   if jax.process_index() == 0:
     with open(path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(json.dumps(record | mean) + "\n")
 
 
 def _save(checkpointer, step, state):

@@ -1,19 +1,13 @@
 """Optimizers shared by the methods."""
 
-import functools
-
 import optax
 
 
-@functools.lru_cache(maxsize=16)
 def adam_l2(
   lr: float, weight_decay: float, b1: float, b2: float
 ) -> optax.GradientTransformation:
   """PyTorch's Adam(weight_decay=...): L2 added to the gradient (coupled),
   before the moment estimates (not AdamW's decoupled decay).
-
-  Cached: a rebuilt state gets the same optimizer object, so its pytree
-  structure, and with it every jit cache entry, stays the same.
   """
   return optax.chain(
     optax.add_decayed_weights(weight_decay),

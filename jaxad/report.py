@@ -3,11 +3,13 @@
 `python -m jaxad.evaluate --config C --workdir W --report` writes W/report/:
 * `roc.png`: the ROC curve of every score on one plot;
 * `histograms.png`: normal vs abnormal image scores, one panel per score;
-* `grid.png`: the two highest- and lowest-scored normals and abnormals
-  (ranked by the last score, the refined one when present), each with its
-  pixel maps overlaid on the image; every map type has one colour scale,
-  min..max over the whole test set, shown by its colour bar;
-* `index.html`: the pictures, the metrics table and the config.
+* `grid.png` (methods with pixel maps): the two highest- and lowest-scored
+  normals and abnormals (ranked by the method's last score, its refined one
+  where it has one), each with its pixel maps overlaid on the image; every
+  map type has one colour scale, min..max over the whole test set, shown by
+  its colour bar;
+* `index.html`: the pictures, the metrics table with each score's
+  description (from the method), and the config.
 
 Needs matplotlib (`pip install 'jaxad[report]'`).
 """
@@ -33,9 +35,9 @@ def _pyplot():
   return pyplot
 
 
-def _roc(plt, scores, labels, result, path):
+def _roc(plt, order, scores, labels, result, path):
   fig, ax = plt.subplots(figsize=(5, 5))
-  for name in ordered(list(scores)):
+  for name in order:
     fpr, tpr, _ = skm.roc_curve(labels, scores[name])
     auroc = result["scores"][name]["auroc"]
     ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.3f})")
@@ -53,10 +55,10 @@ def _roc(plt, scores, labels, result, path):
   plt.close(fig)
 
 
-def _histograms(plt, scores, labels, path):
-  n = len(scores)
+def _histograms(plt, order, scores, labels, path):
+  n = len(order)
   fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
-  for ax, name in zip(axes[0], ordered(list(scores)), strict=True):
+  for ax, name in zip(axes[0], order, strict=True):
     s = scores[name]
     bins = np.linspace(s.min(), s.max(), 40)
     ax.hist(s[labels == 0], bins, alpha=0.6, label="normal", color="tab:blue")
@@ -84,20 +86,17 @@ def pick_examples(score, labels, k=2):
   return out
 
 
-# Display order: unrefined scores first, refined last (jax returns dicts with
-# sorted keys, which would put r_dual before rec).
-_ORDER = ("rec", "intra", "inter", "r_intra", "r_dual")
+def _show(ax, image):
+  """A uint8 [S, S, C] image, grayscale or RGB."""
+  if image.shape[-1] == 1:
+    ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+  else:
+    ax.imshow(image)
 
 
-def ordered(names):
-  """Score names in display order; unknown names keep their order, last."""
-  known = [n for n in _ORDER if n in names]
-  return known + [n for n in names if n not in _ORDER]
-
-
-def _grid(plt, images, maps, scores, labels, names, path):
-  kinds = ordered(list(maps))
-  rank_by = kinds[-1]  # the refined score when present, else inter
+def _grid(plt, order, images, maps, scores, labels, names, path):
+  kinds = [k for k in order if k in maps]
+  rank_by = kinds[-1]  # the method's last (refined) score with a map
   rows = pick_examples(scores[rank_by], labels)
   # One colour scale per map type over the whole test set: comparable across
   # rows, and nothing is clipped.
@@ -109,11 +108,10 @@ def _grid(plt, images, maps, scores, labels, names, path):
     squeeze=False,
   )
   for r, (title, i) in enumerate(rows):
-    gray = images[i, ..., 0]
-    axes[r, 0].imshow(gray, cmap="gray", vmin=0, vmax=255)
+    _show(axes[r, 0], images[i])
     axes[r, 0].set_title(f"{title}\n{os.path.basename(names[i])}", fontsize=6)
     for c, k in enumerate(kinds, start=1):
-      axes[r, c].imshow(gray, cmap="gray", vmin=0, vmax=255)
+      _show(axes[r, c], images[i])
       lo, hi = limits[k]
       im = axes[r, c].imshow(
         maps[k][i].astype(np.float32), cmap="jet", alpha=0.45, vmin=lo, vmax=hi
@@ -133,12 +131,18 @@ def _grid(plt, images, maps, scores, labels, names, path):
   plt.close(fig)
 
 
-def _html(result, config_json, path):
+def _html(result, infos, has_grid, config_json, path):
   rows = "".join(
-    f"<tr><td>{html.escape(k)}</td><td>{m['auroc']:.4f}</td>"
-    f"<td>{m['ap']:.4f}</td></tr>"
-    for k in ordered(list(result["scores"]))
-    for m in [result["scores"][k]]
+    f"<tr><td>{html.escape(info.name)}</td>"
+    f"<td>{html.escape(info.description)}</td>"
+    f"<td>{m['auroc']:.4f}</td><td>{m['ap']:.4f}</td></tr>"
+    for info in infos
+    for m in [result["scores"][info.name]]
+  )
+  grid = (
+    '<h2>Pixel maps</h2><img src="grid.png" alt="map grid">'
+    if has_grid
+    else "<p>This method gives no pixel maps.</p>"
   )
   page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>jaxad report</title>
@@ -148,12 +152,13 @@ img{{max-width:100%}}pre{{background:#f4f4f4;padding:1em;font-size:12px}}
 </style></head><body>
 <h1>jaxad report: {html.escape(result["dataset"])}</h1>
 <p>{result["num_normal"]} normal / {result["num_abnormal"]} abnormal test
-images. Image score = spatial mean of each map.</p>
-<table><tr><th>score</th><th>AUROC</th><th>AP</th></tr>{rows}</table>
+images.</p>
+<table><tr><th>score</th><th>what it is</th><th>AUROC</th><th>AP</th></tr>
+{rows}</table>
 <h2>ROC curves</h2><img src="roc.png" alt="ROC curves">
 <h2>Image scores, normal vs abnormal</h2>
 <img src="histograms.png" alt="score histograms">
-<h2>Pixel maps</h2><img src="grid.png" alt="map grid">
+{grid}
 <h2>Config</h2><pre>{html.escape(config_json, quote=False)}</pre>
 </body></html>
 """
@@ -161,23 +166,35 @@ images. Image score = spatial mean of each map.</p>
     f.write(page)
 
 
-def write(workdir, result, images, scores, maps, labels, names, config):
+def write(workdir, result, data, scores, maps, infos, config):
   """Writes WORKDIR/report/ (see the module docstring); returns its path.
 
   Args:
     result: eval.json's content.
-    images: [N, S, S, 1] uint8 test images.
-    scores: {name: [N]} image scores; maps: {name: [N, S, S]}.
-    labels: [N] 0/1; names: N image names.
+    data: the evaluated data (`api.EvalData`): test images [N, S, S, C]
+      uint8, labels [N] 0/1, names.
+    scores: {name: [N]} image scores; maps: {name: [N, S, S]}, may be {}.
+    infos: the method's `api.Score`s, in display order.
     config: the run's ConfigDict.
   """
   plt = _pyplot()
   out = os.path.join(workdir, "report")
   os.makedirs(out, exist_ok=True)
-  labels = np.asarray(labels)
-  _roc(plt, scores, labels, result, os.path.join(out, "roc.png"))
-  _histograms(plt, scores, labels, os.path.join(out, "histograms.png"))
-  _grid(plt, images, maps, scores, labels, names, os.path.join(out, "grid.png"))
+  labels = np.asarray(data.test_labels)
+  order = [info.name for info in infos]
+  _roc(plt, order, scores, labels, result, os.path.join(out, "roc.png"))
+  _histograms(plt, order, scores, labels, os.path.join(out, "histograms.png"))
+  if maps:
+    _grid(
+      plt,
+      order,
+      data.test,
+      maps,
+      scores,
+      labels,
+      data.test_names,
+      os.path.join(out, "grid.png"),
+    )
   config_json = json.dumps(json.loads(config.to_json()), indent=2)
-  _html(result, config_json, os.path.join(out, "index.html"))
+  _html(result, infos, bool(maps), config_json, os.path.join(out, "index.html"))
   return out

@@ -1,20 +1,18 @@
 r"""Trains a method end to end, then evaluates it.
 
-  python -m jaxad.train --config configs/ddad.py --workdir W [--config.k=v]
+  python -m jaxad.train --config configs/<method>.py --workdir W [--config.k=v]
 
 Re-running the same command resumes from the last checkpoint in W (after a
 crash or Ctrl-C) and ends with the same W/eval.json as an uninterrupted run.
 """
 
-import importlib
 import json
 import os
 
 import ml_collections as mlc
-from absl import app, flags, logging
+from absl import app, flags
 
-from jaxad import checkpoint, cli, evaluate, loop, sharding
-from jaxad.data import oneclass
+from jaxad import checkpoint, cli, evaluate, loop, methods, sharding
 
 # Keys that may change between a run and its resumption.
 _RESUMABLE_CHANGES = (
@@ -29,22 +27,27 @@ _RESUMABLE_CHANGES = (
 _ADDED_KEYS = {"model.compute_dtype": "float32"}
 
 
-def _check_config(config: mlc.ConfigDict, workdir: str) -> None:
-  """Writes W/config.json, or checks that a resumed run uses the same one."""
+def _check_config(
+  config: mlc.ConfigDict, workdir: str, resumable: tuple[str, ...] = ()
+) -> None:
+  """Writes W/config.json, or checks that a resumed run uses the same one.
+
+  Args:
+    resumable: the method's key prefixes that may differ from the stored
+      config (`Method.resumable_changes`), besides `_RESUMABLE_CHANGES`.
+  """
   path = os.path.join(workdir, "config.json")
   flat = _flatten(json.loads(config.to_json()))
   if os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
     old = {**{k: v for k, v in _ADDED_KEYS.items() if k in flat}, **old}
-    # A refinement stage may be added to a run trained without one.
-    adding_stage = not old.get("refine.enabled", False)
     diff = sorted(
       k
       for k in set(old) | set(flat)
       if old.get(k) != flat.get(k)
       and k not in _RESUMABLE_CHANGES
-      and not (adding_stage and k.startswith("refine."))
+      and not k.startswith(resumable or ("\0",))
     )
     if diff:
       raise ValueError(
@@ -66,30 +69,36 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def stored_config(workdir: str) -> dict:
+  """W/config.json flattened ({} when there is none)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return _flatten(json.load(f))
+
+
 def run(config: mlc.ConfigDict, workdir: str, *, on_step=None) -> dict:
   """Trains (resuming from W's checkpoint), evaluates; returns eval.json."""
-  method = importlib.import_module(f"jaxad.methods.{config.method}")
-  # A method may refuse a config (e.g. Multi-AD without teacher weights)
+  method = methods.get(config.method)
+  # A method may refuse a config (e.g. missing pretrained weights)
   # before W/config.json is written, so the fixed command can re-use W.
-  if hasattr(method, "check_config"):
-    method.check_config(config)
+  method.check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  _check_config(config, workdir)
+  _check_config(
+    config, workdir, method.resumable_changes(stored_config(workdir))
+  )
   mesh = sharding.make_mesh(config.mesh)
-  data = oneclass.load(config.data, workdir)
-  logging.info(
-    "Data %s: %d known normal, %d unlabeled, %d test images",
-    data.name,
-    len(data.normal),
-    len(data.unlabeled),
-    len(data.test),
+  data = method.load_data(config, workdir)
+  phases = loop.compile_phases(
+    method.phases(config, data), mesh, config.train.steps_per_call
   )
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    state = ckpt.restore_latest(method.init_state(config, mesh))
+    state = ckpt.restore_latest(loop.place(method.init_state(config), mesh))
     state = loop.train(
       state,
-      method.phases(config, data, mesh),
+      phases,
       workdir=workdir,
       checkpointer=ckpt,
       log_every=config.train.log_every,
@@ -98,7 +107,7 @@ def run(config: mlc.ConfigDict, workdir: str, *, on_step=None) -> dict:
     )
   finally:
     ckpt.close()
-  return evaluate.evaluate(config, workdir, method, state, data, mesh)
+  return evaluate.evaluate(config, workdir, method, state.model(), data, mesh)
 
 
 def main(argv):

@@ -18,7 +18,7 @@ from absl import app, flags
 
 from jaxad import cli, evaluate
 from jaxad.data import oneclass, resident, synthesis
-from jaxad.methods import ddad, ddad_refine
+from jaxad.methods.ddad import ensembles, refine
 
 _BATCHES = flags.DEFINE_integer("batches", 8, "Synthetic batches of 32.")
 
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
   del argv
   config, workdir = cli.CONFIG.value, cli.WORKDIR.value
   cli.setup_logging()
-  _, state, _ = evaluate.restore(config, workdir)
+  _, model, _ = evaluate.restore(config, workdir)
   normal = jnp.asarray(oneclass.load(config.data, workdir).normal)
   refined = config.refine.enabled
   sums = {}
@@ -40,9 +40,9 @@ def main(argv: list[str]) -> None:
       resident.to_unit_range(normal[idx]),
       resident.to_unit_range(normal[src]),
     )
-    maps = ddad.ensemble_maps(state, x, config=config)
+    maps = ensembles.ensemble_maps(model, x, config=config)
     if refined:
-      maps["P (refined)"] = _refined(state, maps, config)
+      maps["P (refined)"] = _refined(model, maps, config)
     inside = np.asarray(mask) > 0.5
     for name, value in maps.items():
       value = np.asarray(value)
@@ -58,17 +58,13 @@ def main(argv: list[str]) -> None:
     for v in (0.02, 0.04, 0.06, 0.08, 0.12, 0.2):
       size = config.data.image_size
       const = jnp.full((1, size, size), v)
-      p = _refined(state, {"intra": const, "inter": const}, config)
+      p = _refined(model, {"intra": const, "inter": const}, config)
       print(f"  v = {v:<5} P = {float(p[0, size // 2, size // 2]):.3f}")
 
 
-def _refined(state, maps, config):
-  return ddad_refine.anomaly_probability(
-    state.refine_graphdef,
-    state.params["asr"],
-    state.batch_stats["asr"],
-    maps,
-    config.refine.inputs,
+def _refined(model, maps, config):
+  return refine.anomaly_probability(
+    model.net("asr"), maps, config.refine.inputs
   )
 
 

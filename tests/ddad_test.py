@@ -10,7 +10,7 @@ from absl.testing import absltest, parameterized
 from configs import ddad as ddad_config
 from jaxad import loop, sharding
 from jaxad.data import oneclass, resident
-from jaxad.methods import ddad
+from jaxad.methods.ddad import METHOD, ensembles
 
 
 def tiny_config(**model):
@@ -50,7 +50,7 @@ class LossAndScoreTest(parameterized.TestCase):
   def loss(self, out, att, backbone):
     return jax.jit(
       functools.partial(
-        ddad.reconstruction_loss, backbone=backbone, entropy_weight=0.0002
+        ensembles.reconstruction_loss, backbone=backbone, entropy_weight=0.0002
       )
     )(out, self.x, att)
 
@@ -83,9 +83,9 @@ class LossAndScoreTest(parameterized.TestCase):
     x = rng.uniform(-1, 1, (2, 4, 4, 1)).astype(np.float32)
     if backbone == "ae":
       ndm, udm = ndm[..., :1], udm[..., :1]
-    got = jax.jit(functools.partial(ddad.discrepancy_maps, backbone=backbone))(
-      ndm, udm, x
-    )
+    got = jax.jit(
+      functools.partial(ensembles.discrepancy_maps, backbone=backbone)
+    )(ndm, udm, x)
     mu_b, mu_a = ndm[..., 0].mean(0), udm[..., 0].mean(0)
     var = (
       np.exp(ndm[..., 1]).mean(0) if backbone == "aeu" else np.ones_like(mu_b)
@@ -122,14 +122,20 @@ class SamplingTest(absltest.TestCase):
     np.testing.assert_array_equal(first, epoch(keys[0], 0))
 
 
+def first_phase(config, mesh):
+  """The jitted "ensembles" phase of tiny_config on tiny_data."""
+  return loop.compile_phases(METHOD.phases(config, tiny_data()), mesh, 1)[0]
+
+
 def run_steps(config, mesh, num_steps=2):
   """(params, batch_stats, [metrics per step]) on the host."""
-  state = ddad.init_state(config, mesh)
-  phase = ddad.phases(config, tiny_data(), mesh)[0]
+  state = loop.place(METHOD.init_state(config), mesh)
+  phase = first_phase(config, mesh)
   history = []
-  for _ in range(num_steps):
-    state, metrics = phase.step_fn(state, phase.inputs)
-    history.append(metrics)
+  with jax.set_mesh(mesh):
+    for _ in range(num_steps):
+      state, metrics = phase.step_fn(state, phase.inputs)
+      history.append(metrics)
   return jax.device_get((state.params, state.batch_stats, history))
 
 
@@ -200,7 +206,7 @@ def host(tree):
 
 def on_mesh(state, mesh):
   """A host copy of `state`, replicated over `mesh` (a step donates it)."""
-  return jax.device_put(state, sharding.replicated(mesh))
+  return loop.place(state, mesh)
 
 
 @functools.cache
@@ -211,11 +217,12 @@ def start_states():
   config = tiny_config()
   config.train.member_strategy = "unroll"
   mesh = sharding.make_mesh(config.mesh)
-  state = ddad.init_state(config, mesh)
-  phase = ddad.phases(config, tiny_data(), mesh)[0]
+  state = loop.place(METHOD.init_state(config), mesh)
+  phase = first_phase(config, mesh)
   fresh = host(state)
-  for _ in range(2):
-    state, _ = phase.step_fn(state, phase.inputs)
+  with jax.set_mesh(mesh):
+    for _ in range(2):
+      state, _ = phase.step_fn(state, phase.inputs)
   return fresh, host(state)
 
 
@@ -223,13 +230,14 @@ def single_steps(config, num_steps=1):
   """start (host state) -> (host state, metrics averaged over the steps)
   of `num_steps` calls of the single-step program of `config`'s mesh."""
   mesh = sharding.make_mesh(config.mesh)
-  phase = ddad.phases(config, tiny_data(), mesh)[0]
+  phase = first_phase(config, mesh)
 
   def call(start):
     state, history = on_mesh(start, mesh), []
-    for _ in range(num_steps):
-      state, metrics = phase.step_fn(state, phase.inputs)
-      history.append(metrics)
+    with jax.set_mesh(mesh):
+      for _ in range(num_steps):
+        state, metrics = phase.step_fn(state, phase.inputs)
+        history.append(metrics)
     history = host(history)
     mean = {k: np.mean([m[k] for m in history]) for k in history[0]}
     return host(state), mean
@@ -308,11 +316,12 @@ class TrainStepTest(parameterized.TestCase):
   def multi_step_call(self, config, num_steps, repeat=loop.repeat_steps):
     """The scanned K-step program of GPU/TPU (CPU unrolls the same steps)."""
     mesh = sharding.make_mesh(config.mesh)
-    phase = ddad.phases(config, tiny_data(), mesh)[0]
+    phase = first_phase(config, mesh)
     multi = jax.jit(repeat(phase.step_fn, num_steps, unroll=False))
 
     def call(start):
-      return host(multi(on_mesh(start, mesh), phase.inputs))
+      with jax.set_mesh(mesh):
+        return host(multi(on_mesh(start, mesh), phase.inputs))
 
     return call
 
@@ -377,21 +386,18 @@ class TrainStepTest(parameterized.TestCase):
     config = tiny_config()
     config.train.batch_size = 12
     config.mesh.data = 8
-    with self.assertRaisesRegex(ValueError, "divisible"):
-      ddad.phases(config, tiny_data(), sharding.make_mesh(config.mesh))
+    with self.assertRaisesRegex(ValueError, "train.batch_size=12.*divisible"):
+      first_phase(config, sharding.make_mesh(config.mesh))
 
   def test_too_few_normals(self):
     config = tiny_config()
-    mesh = sharding.make_mesh(config.mesh)
     with self.assertRaisesRegex(ValueError, "fewer than one batch"):
-      ddad.phases(config, tiny_data(n_normal=4), mesh)
+      METHOD.phases(config, tiny_data(n_normal=4))
 
   def test_phase_lengths_follow_epochs_of_each_module(self):
     config = tiny_config()
     config.epochs = 3
-    phases = ddad.phases(
-      config, tiny_data(16, 9), sharding.make_mesh(config.mesh)
-    )
+    phases = METHOD.phases(config, tiny_data(16, 9))
     # NDM: 16 // 8 = 2 steps/epoch; UDM: 25 // 8 = 3 steps/epoch.
     self.assertEqual([p.num_steps for p in phases], [6, 3])
 

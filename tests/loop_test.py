@@ -1,4 +1,5 @@
-"""Tests of the shared loop's scheduling of multi-step calls."""
+"""Tests of the shared loop: multi-step calls, phase-local steps, host
+batches, throughput units."""
 
 import json
 import tempfile
@@ -6,62 +7,104 @@ import tempfile
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 from absl.testing import absltest
 
-from jaxad import checkpoint, loop
+from jaxad import checkpoint, loop, sharding
+from jaxad.methods import api
 
 
 @flax.struct.dataclass
 class Counter:
   step: jax.Array
   total: jax.Array
+  local: jax.Array  # the last phase-local step seen
 
 
-def count_step(state, inputs):
-  """Adds `inputs` to the total; the metric is the step index."""
-  new = Counter(step=state.step + 1, total=state.total + inputs)
+def count_step(state, inputs, local_step):
+  """Adds `inputs` to the total; the metric is the global step index."""
+  new = state.replace(total=state.total + jnp.sum(inputs), local=local_step)
   return new, {"loss": state.step.astype(jnp.float32)}
 
 
-class MultiStepLoopTest(absltest.TestCase):
+def counter():
+  return Counter(step=jnp.int32(0), total=jnp.float32(0.0), local=jnp.int32(0))
+
+
+def train(phases, steps_per_call=1, state=None, **kw):
+  mesh = sharding.make_mesh(mlc.ConfigDict({"data": 1}))
+  workdir = tempfile.mkdtemp()
+  ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints")
+  seen = []
+  args = dict(log_every=4, checkpoint_every=8) | kw
+  state = loop.train(
+    loop.place(state or counter(), mesh),
+    loop.compile_phases(phases, mesh, steps_per_call),
+    workdir=workdir,
+    checkpointer=ckpt,
+    on_step=seen.append,
+    **args,
+  )
+  ckpt.close()
+  with open(f"{workdir}/metrics.jsonl") as f:
+    logged = [json.loads(line) for line in f]
+  return state, seen, logged
+
+
+def phase(name, num_steps, members=1, **kw):
+  kw.setdefault("inputs", jnp.float32(1.0))
+  return api.Phase(
+    name, num_steps, count_step, 2, "train.batch_size", members=members, **kw
+  )
+
+
+class LoopTest(absltest.TestCase):
   def test_calls_never_cross_log_or_checkpoint_boundaries(self):
-    single, multi = loop.jit_steps(
-      count_step, steps_per_call=3, out_shardings=None
-    )
-    phase = loop.Phase(
-      "count",
-      10,
-      single,
-      jnp.float32(1.0),
-      member_images_per_step=1,
-      images_per_step=1,
-      multi_step_fn=multi,
-      steps_per_call=3,
-    )
-    workdir = tempfile.mkdtemp()
-    ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints")
-    seen = []
-    state = loop.train(
-      Counter(step=jnp.int32(0), total=jnp.float32(0.0)),
-      [phase],
-      workdir=workdir,
-      checkpointer=ckpt,
-      log_every=4,
-      checkpoint_every=8,
-      on_step=seen.append,
-    )
-    ckpt.close()
+    state, seen, logged = train([phase("count", 10)], steps_per_call=3)
     # 3 steps where they fit before the next multiple of 4 or 8, else one.
     self.assertEqual(seen, [3, 4, 7, 8, 9, 10])
     self.assertEqual((int(state.step), float(state.total)), (10, 10.0))
-    with open(f"{workdir}/metrics.jsonl") as f:
-      logged = [json.loads(line) for line in f]
     # Logged losses are step-weighted means of the step indices 0..9.
     self.assertEqual([r["step"] for r in logged], [4, 8, 10])
     np.testing.assert_allclose(
       [r["loss"] for r in logged], [1.5, 5.5, 8.5], rtol=1e-6
     )
+
+  def test_phase_local_step_and_member_throughput(self):
+    state, _, logged = train([phase("a", 3), phase("b", 4, members=3)])
+    self.assertEqual((int(state.step), int(state.local)), (7, 3))
+    by_phase = {r["phase"]: r for r in logged}
+    self.assertNotIn("member_images_per_s", by_phase["a"])
+    np.testing.assert_allclose(
+      by_phase["b"]["member_images_per_s"], 3 * by_phase["b"]["images_per_s"]
+    )
+
+  def test_host_batches_resume_at_the_phase_local_step(self):
+    asked = []
+
+    def batches(first):
+      asked.append(first)
+      for i in range(first, 6):
+        yield np.full((2,), i, np.float32)  # sum = 2i
+
+    p = phase("host", 6, inputs=None, batches=batches)
+    state, seen, _ = train([phase("a", 2), p], steps_per_call=3)
+    self.assertEqual(seen, list(range(1, 9)))  # host batches: one per call
+    self.assertEqual(float(state.total), 2.0 + 2 * sum(range(6)))
+    # Resumed 3 steps into the host phase: the iterator starts at 3.
+    resumed = counter().replace(step=jnp.int32(5), total=jnp.float32(0.0))
+    state, _, _ = train([phase("a", 2), p], state=resumed)
+    self.assertEqual(asked[-1], 3)
+    self.assertEqual(float(state.total), 2 * (3 + 4 + 5))
+
+  def test_phase_needs_inputs_or_batches_and_a_fitting_batch(self):
+    mesh = sharding.make_mesh(mlc.ConfigDict({"data": 1}))
+    with self.assertRaisesRegex(ValueError, "exactly one of inputs"):
+      loop.compile_phases([phase("x", 1, inputs=None)], mesh, 1)
+    mesh8 = sharding.make_mesh(mlc.ConfigDict({"data": 8}))
+    with self.assertRaisesRegex(ValueError, "config.train.batch_size=2"):
+      loop.compile_phases([phase("x", 1)], mesh8, 1)
 
   def test_steps_per_call_must_be_positive(self):
     with self.assertRaisesRegex(ValueError, "steps_per_call"):

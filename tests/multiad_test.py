@@ -1,7 +1,8 @@
-"""Tests of Multi-AD: losses and maps against numpy, the frozen teacher, the
-jitted step, the refusal without teacher weights, and an end-to-end run of
-the `:smoke` config (train, kill and resume, evaluate) on a tiny MTD
-fixture with pixel masks."""
+"""Tests of Multi-AD: losses and maps against numpy, the frozen teacher
+(jaxad.models.teacher), the step as the loop compiles it, the refusal
+without teacher weights, and an end-to-end run of the `:smoke` config
+(train, kill and resume, evaluate) on a tiny MTD fixture with pixel
+masks."""
 
 import functools
 import json
@@ -10,6 +11,7 @@ import shutil
 import struct
 import tempfile
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +21,11 @@ from PIL import Image
 from scipy import ndimage
 
 from configs import multiad as multiad_config
-from jaxad import checkpoint, evaluate, sharding, train
+from jaxad import checkpoint, loop, sharding, train
 from jaxad.data import oneclass
-from jaxad.methods import multiad, multiad_nets
-from jaxad.methods import multiad_losses as losses
-from jaxad.models import discriminator
+from jaxad.methods import api, multiad
+from jaxad.methods.multiad import METHOD, losses, nets
+from jaxad.models import discriminator, teacher
 
 SIZE = 32  # the :smoke image size
 
@@ -225,7 +227,8 @@ class StateAndStepTest(absltest.TestCase):
     workdir = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, workdir)
     for fn in (
-      lambda: multiad.init_state(config, self.mesh),
+      lambda: METHOD.check_config(config),
+      lambda: METHOD.init_state(config),
       lambda: train.run(config, workdir),
     ):
       with self.assertRaisesRegex(
@@ -238,49 +241,91 @@ class StateAndStepTest(absltest.TestCase):
     self.assertFalse(os.path.exists(os.path.join(workdir, "config.json")))
     config.model.teacher_weights = os.path.join(workdir, "missing.pth")
     with self.assertRaisesRegex(FileNotFoundError, "missing.pth"):
-      multiad.init_state(config, self.mesh)
+      METHOD.init_state(config)
+    with self.assertRaisesRegex(ValueError, "fusion"):
+      METHOD.check_config(smoke_config(**{"score.fusion": "max"}))
     # The paper's setting is the default.
     self.assertEqual(multiad_config.get_config().model.teacher_weights, "")
 
+  def test_teacher_weights_check_reads_no_method_config(self):
+    # Another method (D2-4FAD) names its own keys and offline config.
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^config\.teacher\.weights is empty\. D2-4FAD's teacher .*"
+      r"config\.teacher\.variant='wide_resnet50_2'.*"
+      r"wide_resnet50_2-95faca4d\.pth.*--config\.teacher\.weights=random "
+      r"\(or x:offline\)",
+    ):
+      teacher.check_weights(
+        "",
+        "wide_resnet50_2",
+        method="D2-4FAD",
+        key="config.teacher.weights",
+        variant_key="config.teacher.variant",
+        offline=" (or x:offline)",
+      )
+    teacher.check_weights(teacher.RANDOM, "resnet50", method="m")
+
   def test_random_teacher_is_rebuilt_identically_and_logged(self):
     with self.assertLogs(level="WARNING") as logs:
-      a = multiad.init_state(self.config, self.mesh)
+      a = METHOD.init_state(self.config)
     self.assertIn("RANDOMLY INITIALISED", "".join(logs.output))
-    b = multiad.init_state(self.config, self.mesh)
+    b = METHOD.init_state(self.config)
     for tree in ("frozen", "params"):
       la = leaves_with_paths(getattr(a, tree))
       lb = leaves_with_paths(getattr(b, tree))
       self.assertEqual(la.keys(), lb.keys())
       for k in la:
         np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+    self.assertEqual(set(a.frozen), {"teacher"})
+    self.assertEqual(set(a.graphdefs), {"teacher", "student", "disc"})
+    # Runs written before the method contract restore: the same
+    # checkpointed tree (the frozen teacher and the graphs are not in it).
+    tree = flax.serialization.to_state_dict(a)
+    self.assertIn(checkpoint.FROZEN, tree)  # which Checkpointer skips
+    del tree[checkpoint.FROZEN]
+    self.assertEqual(set(tree), {"step", "params", "batch_stats", "opt_state"})
+    for field in ("params", "batch_stats", "opt_state"):
+      self.assertEqual(set(tree[field]), {"student", "disc"}, field)
 
   def test_teacher_from_a_torchvision_checkpoint(self):
     tmp = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, tmp)
     rng = np.random.default_rng(3)
-    template = multiad_nets.load_teacher(self.config, self.mesh)
+    kw = nets.resnet_kwargs(self.config, "teacher")
+    # Shapes only: nothing is initialised or compiled.
+    template = api.init_net(nnx.eval_shape(lambda: teacher.build(kw, 0)), None)[
+      :2
+    ]
     values = jax.tree.map(
       lambda v: rng.normal(size=v.shape).astype(np.float32), template
     )
     path = os.path.join(tmp, "teacher.safetensors")
     write_safetensors(path, torchvision_state_dict(*values))
-    config = smoke_config(**{"model.teacher_weights": path})
-    state = multiad.init_state(config, self.mesh)
-    got = leaves_with_paths(state.frozen)
     want = leaves_with_paths({"params": values[0], "batch_stats": values[1]})
-    self.assertEqual(got.keys(), want.keys())
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # The shared loader (no method config), then through Multi-AD's state.
+    direct = teacher.load_teacher(kw, path, jax.random.key(0))
+    config = smoke_config(**{"model.teacher_weights": path})
+    for got in (
+      {"params": direct[0], "batch_stats": direct[1]},
+      METHOD.init_state(config).frozen["teacher"],
+    ):
+      got = leaves_with_paths(got)
+      self.assertEqual(got.keys(), want.keys())
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
   def test_step_updates_student_and_discriminator_only(self):
-    state = multiad.init_state(self.config, self.mesh)
+    state = loop.place(METHOD.init_state(self.config), self.mesh)
     # Copies: the step donates `state`, and np.asarray may share its buffers.
     before = jax.tree.map(np.array, state)
-    (phase,) = multiad.phases(self.config, tiny_data(), self.mesh)
+    (phase,) = METHOD.phases(self.config, tiny_data())
     self.assertEqual(phase.num_steps, 2)  # 1 epoch of 16 images, batch 8
-    state, metrics = phase.step_fn(state, phase.inputs)
+    (compiled,) = loop.compile_phases([phase], self.mesh, 1)
+    with jax.set_mesh(self.mesh):
+      state, metrics = compiled.step_fn(state, compiled.inputs)
     after = jax.tree.map(np.array, state)
-    self.assertEqual(int(after.step), 1)
+    self.assertEqual(int(after.step), 1)  # advanced by the loop
     for k, v in leaves_with_paths(before.frozen).items():
       np.testing.assert_array_equal(
         v, leaves_with_paths(after.frozen)[k], err_msg=k
@@ -331,7 +376,7 @@ class EndToEndTest(absltest.TestCase):
     self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
     make_mtd(os.path.join(self.tmp, "mtd"))
 
-  def test_smoke_run_resume_and_evaluate(self):
+  def test_smoke_run_with_pixel_masks(self):
     config = smoke_config(
       **{
         "data.format": "mtd",
@@ -357,27 +402,7 @@ class EndToEndTest(absltest.TestCase):
     with open(os.path.join(full_dir, "metrics.jsonl")) as f:
       self.assertIn("kd_loss", json.loads(f.readline()))
 
-    # Killed at step 3 (checkpoint on Ctrl-C), then resumed.
-    def interrupt(step):
-      if step == 3:
-        raise KeyboardInterrupt
-
-    resumed_dir = os.path.join(self.tmp, "resumed")
-    with self.assertRaises(KeyboardInterrupt):
-      train.run(config, resumed_dir, on_step=interrupt)
-    ckpt = checkpoint.Checkpointer(os.path.join(resumed_dir, "checkpoints"))
-    self.assertEqual(ckpt.latest_step(), 3)
-    ckpt.close()
-    # Exact: a resumed run executes the same compiled step program on the
-    # same restored bits, and XLA CPU is deterministic for one program.
-    self.assertEqual(train.run(config, resumed_dir), full)
-
-    # jaxad.evaluate restores (the teacher is rebuilt) and re-scores.
-    method, state, mesh = evaluate.restore(config, full_dir)
-    data = oneclass.load(config.data, full_dir)
-    self.assertEqual(
-      evaluate.evaluate(config, full_dir, method, state, data, mesh), full
-    )
+    # Interruption, resumption and re-evaluation: conformance_test.
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from PIL import Image
 
 from jaxad import evaluate, metrics, sharding
 from jaxad.data import manifest
+from jaxad.methods import api
 
 MTD = SHARED / "data" / "magnetic_tile_defects"
 MTD_DEFECTS = {
@@ -306,14 +307,17 @@ class MtdTest(DataTestCase):
       self.load()
 
 
-class FakeMethod:
+class FakeMethod(api.Defaults):
   """Maps = the test image itself (at `stride`), score = its maximum."""
 
   def __init__(self, stride=1):
     self.stride = stride
 
-  def score_fn(self, state, images, config):
-    del state, config
+  def scores(self, config):
+    return (api.Score("pix", "the image itself; image score: max"),)
+
+  def score(self, config, model, context, images):
+    del config, model, context
     maps = images[:, :: self.stride, :: self.stride, 0].astype(jnp.float32)
     return {"scores": {"pix": maps.max(axis=(1, 2))}, "maps": {"pix": maps}}
 

@@ -6,9 +6,10 @@ import numpy as np
 from absl.testing import absltest
 from flax import nnx
 
-from jaxad import sharding
+from jaxad import evaluate, loop, sharding
 from jaxad.data import synthesis
-from jaxad.methods import ddad, ddad_refine
+from jaxad.methods.ddad import METHOD
+from jaxad.methods.ddad import refine as ddad_refine
 from jaxad.models import autoencoder, refine
 from tests import ddad_test
 
@@ -109,15 +110,16 @@ class RefinePhaseTest(absltest.TestCase):
     config.refine.update(enabled=True, epochs=1, batch_size=4)
     mesh = sharding.make_mesh(config.mesh)
     data = ddad_test.tiny_data()
-    state = ddad.init_state(config, mesh)
-    phases = ddad.phases(config, data, mesh)
+    state = loop.place(METHOD.init_state(config), mesh)
+    phases = loop.compile_phases(METHOD.phases(config, data), mesh, 1)
     self.assertEqual(
-      [p.name for p in phases], ["ensembles", "udm_tail", "refine"]
+      [p.phase.name for p in phases], ["ensembles", "udm_tail", "refine"]
     )
-    self.assertEqual(phases[2].num_steps, 16 // 4)
+    self.assertEqual(phases[2].phase.num_steps, 16 // 4)
     before = jax.device_get(state.params)
     refine_phase = phases[2]
-    state, metrics = refine_phase.step_fn(state, refine_phase.inputs)
+    with jax.set_mesh(mesh):
+      state, metrics = refine_phase.step_fn(state, refine_phase.inputs)
     after = jax.device_get(state.params)
     for module in ("ndm", "udm"):  # frozen: bit-identical
       jax.tree.map(np.testing.assert_array_equal, before[module], after[module])
@@ -126,8 +128,8 @@ class RefinePhaseTest(absltest.TestCase):
     )
     self.assertTrue(all(jax.tree.leaves(changed)))
     self.assertTrue(np.isfinite(jax.device_get(metrics["asr_loss"])))
-    out = jax.jit(lambda s, x: ddad.score_fn(s, x, config=config))(
-      state, data.test
+    out = evaluate.score_fn(METHOD, config, mesh)(
+      state.model(), None, data.test
     )
     self.assertEqual(set(out["scores"]), {"rec", "intra", "inter", "r_dual"})
     r = np.asarray(out["maps"]["r_dual"])

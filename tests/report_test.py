@@ -1,10 +1,16 @@
-"""Tests of the report's example selection (the files are checked in
-train_test)."""
+"""Tests of the report: example selection, and a method without maps (the
+files of a method with maps are checked by the conformance test)."""
 
+import os
+import tempfile
+import types
+
+import ml_collections as mlc
 import numpy as np
 from absl.testing import absltest
 
 from jaxad import report
+from jaxad.methods import api
 
 
 class PickExamplesTest(absltest.TestCase):
@@ -22,11 +28,35 @@ class PickExamplesTest(absltest.TestCase):
       ],
     )
 
-  def test_refined_scores_are_shown_last(self):
-    self.assertEqual(
-      report.ordered(["inter", "intra", "r_dual", "rec", "other"]),
-      ["rec", "intra", "inter", "r_dual", "other"],
+
+class WriteTest(absltest.TestCase):
+  def test_a_method_without_maps_gets_curves_and_its_descriptions(self):
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 1, 1, 1])
+    data = types.SimpleNamespace(
+      test=rng.integers(0, 256, (5, 8, 8, 3), np.uint8),
+      test_labels=labels,
+      test_names=tuple(f"im{i}" for i in range(5)),
     )
+    scores = {"zero_shot": rng.uniform(size=5)}
+    infos = (api.Score("zero_shot", "text-image similarity; <no map>"),)
+    result = {
+      "dataset": "d",
+      "num_normal": 2,
+      "num_abnormal": 3,
+      "scores": {"zero_shot": {"auroc": 0.5, "ap": 0.6}},
+    }
+    workdir = tempfile.mkdtemp()
+    out = report.write(
+      workdir, result, data, scores, {}, infos, mlc.ConfigDict({"a": 1})
+    )
+    self.assertCountEqual(
+      os.listdir(out), ["roc.png", "histograms.png", "index.html"]
+    )
+    with open(os.path.join(out, "index.html")) as f:
+      page = f.read()
+    self.assertIn("text-image similarity; &lt;no map&gt;", page)
+    self.assertIn("no pixel maps", page)
 
 
 if __name__ == "__main__":

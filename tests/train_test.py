@@ -13,8 +13,7 @@ from absl.testing import absltest
 from PIL import Image
 
 from configs import ddad as ddad_config
-from jaxad import checkpoint, evaluate, loop, train
-from jaxad.data import oneclass
+from jaxad import checkpoint, loop, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,66 +89,6 @@ class TrainTest(absltest.TestCase):
     bf16.model.compute_dtype = "bfloat16"
     with self.assertRaisesRegex(ValueError, "model.compute_dtype"):
       train._check_config(bf16, workdir)
-
-  def test_interrupted_run_resumes_to_the_same_result(self):
-    full = train.run(self.config, self.workdir("full"))
-    self.assertEqual(
-      set(full), {"dataset", "num_normal", "num_abnormal", "scores"}
-    )
-    self.assertEqual((full["num_normal"], full["num_abnormal"]), (8, 8))
-    self.assertEqual(set(full["scores"]), {"rec", "intra", "inter"})
-    for m in full["scores"].values():
-      self.assertEqual(set(m), {"auroc", "ap"})
-      self.assertTrue(0.0 <= m["auroc"] <= 1.0)
-    with open(os.path.join(self.workdir("full"), "eval.json")) as f:
-      self.assertEqual(json.load(f), full)
-    with open(os.path.join(self.workdir("full"), "metrics.jsonl")) as f:
-      self.assertIn("ndm_loss", json.loads(f.readline()))
-
-    def interrupt(step):
-      if step == 5:
-        raise KeyboardInterrupt
-
-    with self.assertRaises(KeyboardInterrupt):
-      train.run(self.config, self.workdir("resumed"), on_step=interrupt)
-    ckpt = checkpoint.Checkpointer(
-      os.path.join(self.workdir("resumed"), "checkpoints")
-    )
-    self.assertEqual(ckpt.latest_step(), 5)  # saved on Ctrl-C
-    ckpt.close()
-    # Exact: a resumed run executes the same compiled step program on the
-    # same restored bits, and XLA CPU is deterministic for one program.
-    self.assertEqual(train.run(self.config, self.workdir("resumed")), full)
-
-    # jaxad.evaluate restores and re-scores without training.
-    method, state, mesh = evaluate.restore(self.config, self.workdir("full"))
-    data = oneclass.load(self.config.data, self.workdir("full"))
-    self.assertEqual(
-      evaluate.evaluate(
-        self.config,
-        self.workdir("full"),
-        method,
-        state,
-        data,
-        mesh,
-        write_report=True,
-      ),
-      full,
-    )
-    report_dir = os.path.join(self.workdir("full"), "report")
-    for name in ("roc.png", "histograms.png", "grid.png"):
-      with open(os.path.join(report_dir, name), "rb") as f:
-        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
-    with open(os.path.join(report_dir, "index.html")) as f:
-      page = f.read()
-    self.assertIn("<table>", page)
-    self.assertIn("inter", page)
-    self.assertIn('"epochs": 2', page)
-
-    changed = self.config.copy_and_resolve_references()
-    changed.optim.lr = 1e-3
-    with self.assertRaisesRegex(ValueError, "optim.lr"):
-      train.run(changed, self.workdir("full"))
 
   def test_refinement_stage_can_be_added_to_a_finished_run(self):
     workdir = self.workdir("refine")
@@ -238,7 +177,7 @@ class CommandLineTest(absltest.TestCase):
     self.assertEqual((result["num_normal"], result["num_abnormal"]), (234, 390))
     self.assertIn("member-img/s", out.stderr)
     maps = np.load(os.path.join(workdir, "maps.npz"))
-    self.assertEqual(maps["inter"].shape, (624, 64, 64))
+    self.assertEqual(maps["inter"].shape, (624, 32, 32))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+"""The methods: one package each, talking to jaxad through `api.Method`."""
+
+import importlib
+
+from jaxad.methods import api
+
+NAMES = ("ddad", "multiad")
+
+
+def get(name: str) -> api.Method:
+  """The `METHOD` of package `jaxad.methods.<name>`, checked.
+
+  Raises:
+    ValueError: an unknown method name (naming the known ones).
+    TypeError: the package's METHOD lacks a member of the contract.
+  """
+  if name not in NAMES:
+    raise ValueError(f"config.method={name!r} is not one of {NAMES}")
+  method = importlib.import_module(f"jaxad.methods.{name}").METHOD
+  api.check_method(method, name)
+  return method

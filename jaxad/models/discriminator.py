@@ -3,8 +3,8 @@
 It tells the frozen teacher's last-stage features ("real") from the
 student's ("fake"): four Conv3x3 -> BN -> LeakyReLU blocks at stride 1
 (the map size is kept), dropout, flatten, one linear unit. The sigmoid of
-Fig. 3 is left to the loss (`jaxad.methods.multiad.bce_with_logits`), which
-computes the same BCE in a numerically stable form.
+Fig. 3 is left to the loss (`jaxad.methods.multiad.losses.bce_with_logits`),
+which computes the same BCE in a numerically stable form.
 
 Layers are PyTorch-initialised (`layers.conv`, `layers.linear`), the
 flatten is in PyTorch's (C, H, W) order, and BN has PyTorch's statistics,

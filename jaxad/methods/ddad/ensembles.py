@@ -1,4 +1,4 @@
-"""DDAD: dual-distribution discrepancy (Cai et al., MedIA 2023), METHODS.md 1.
+"""DDAD's ensembles (Cai et al., MedIA 2023, METHODS.md 1): maths and step.
 
 Two ensembles of K reconstruction AEs: the NDM trains on known normals, the
 UDM on known normals + the unlabeled pool. Every member of both is trained in
@@ -12,39 +12,19 @@ epochs: the run has two phases, "ensembles" (both modules) and then
 """
 
 import functools
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import numpy as np
 import optax
 from flax import nnx
 
-from jaxad import loop, sharding
-from jaxad.data import oneclass, resident
-from jaxad.methods import ddad_refine
+from jaxad.data import resident
+from jaxad.methods import api
 from jaxad.models import autoencoder, layers
 
 Array = jax.Array
 MODULES = ("ndm", "udm")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Both ensembles. Every leaf of params/batch_stats/opt_state is [K, ...]."""
-
-  step: Array
-  params: dict[str, Any]  # {"ndm": tree, "udm": tree}
-  batch_stats: dict[str, Any]
-  opt_state: dict[str, Any]
-  graphdef: Any = flax.struct.field(pytree_node=False)
-  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-  # The ASR-Net (params/batch_stats/opt_state["asr"], no member axis) when
-  # config.refine.enabled, else None.
-  refine_graphdef: Any = flax.struct.field(pytree_node=False, default=None)
-  refine_tx: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 # --------------------------------------------------------------------- losses
@@ -145,74 +125,55 @@ def member_strategy(config: mlc.ConfigDict) -> str:
   return strategy
 
 
-def init_state(
-  config: mlc.ConfigDict,
-  mesh: jax.sharding.Mesh,
-) -> TrainState:
-  """K members per module, each with its own init key; replicated."""
+def optimizer(config: mlc.ConfigDict) -> optax.GradientTransformation:
+  """Adam of every member (no decay, no schedule), METHODS.md 1.6."""
+  o = config.optim
+  return optax.adam(o.lr, b1=o.b1, b2=o.b2)
+
+
+def init(config: mlc.ConfigDict) -> tuple[dict, dict, dict, nnx.GraphDef]:
+  """K members per module, each with its own init key.
+
+  Returns:
+    ({module: params}, {module: batch_stats}, {module: opt_state},
+    graphdef); every leaf has a leading member axis [K, ...].
+  """
   graphdef = nnx.graphdef(
     nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
   )
-  o = config.optim
-  tx = optax.adam(o.lr, b1=o.b1, b2=o.b2)
+  tx = optimizer(config)
 
   def init_member(key):
-    model = build_model(config, nnx.Rngs(key))
-    return (
-      nnx.state(model, nnx.Param).to_pure_dict(),
-      nnx.state(model, nnx.BatchStat).to_pure_dict(),
-    )
+    params, stats, _ = api.init_net(build_model(config, nnx.Rngs(key)), None)
+    return params, stats
 
+  @jax.jit
   def init_module(keys):
     params, stats = jax.vmap(init_member)(keys)
     return params, stats, jax.vmap(tx.init)(params)
 
-  init = jax.jit(init_module, out_shardings=sharding.replicated(mesh))
   root = jax.random.key(config.seed)
   params, stats, opt = {}, {}, {}
   for i, module in enumerate(MODULES):
     keys = jax.random.split(
       jax.random.fold_in(root, i), config.model.num_members
     )
-    params[module], stats[module], opt[module] = init(keys)
-  refine_graphdef = refine_tx = None
-  if config.refine.enabled:
-    refine_graphdef, refine_tx = ddad_refine.build(config)
-    params["asr"], stats["asr"], opt["asr"] = jax.jit(
-      functools.partial(ddad_refine.init, config, tx=refine_tx),
-      out_shardings=sharding.replicated(mesh),
-    )(jax.random.fold_in(root, len(MODULES)))
-  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  return TrainState(
-    step=step,
-    params=params,
-    batch_stats=stats,
-    opt_state=opt,
-    graphdef=graphdef,
-    tx=tx,
-    refine_graphdef=refine_graphdef,
-    refine_tx=refine_tx,
-  )
+    params[module], stats[module], opt[module] = init_module(keys)
+  return params, stats, opt, graphdef
 
 
 # ----------------------------------------------------------------- train step
 
 
-def _member_update(
-  params, stats, opt_state, x, *, graphdef, tx, backbone, entropy_weight
-):
-  def loss_fn(params):
-    model = nnx.merge(graphdef, params, stats)
+def _member_update(params, stats, opt_state, x, *, graphdef, tx, loss_kw):
+  def loss_fn(model):
     out, attention = model(x, train=True)
-    loss = reconstruction_loss(
-      out, x, attention, backbone=backbone, entropy_weight=entropy_weight
-    )
-    return loss, nnx.state(model, nnx.BatchStat).to_pure_dict()
+    return reconstruction_loss(out, x, attention, **loss_kw), None
 
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  return params, stats, opt_state, loss, optax.global_norm(grads)
+  params, stats, opt_state, loss, _, gnorm = api.update_net(
+    graphdef, tx, params, stats, opt_state, loss_fn
+  )
+  return params, stats, opt_state, loss, gnorm
 
 
 def _over_members(fn, strategy, *trees):
@@ -225,53 +186,52 @@ def _over_members(fn, strategy, *trees):
 
 
 def train_step(
-  state: TrainState,
-  images: Array,
+  state: api.TrainState,
+  inputs: dict[str, Array],
+  local_step: Array,
   *,
   modules: tuple[str, ...],
   num_images: dict[str, int],
-  data_keys: dict[str, Array],
   batch_size: int,
-  backbone: str,
-  entropy_weight: float,
+  tx: optax.GradientTransformation,
+  loss_kw: dict,
   strategy: str,
-  batch_sharding,
-) -> tuple[TrainState, dict[str, Array]]:
+) -> tuple[api.TrainState, dict[str, Array]]:
   """One optimizer step of every member of `modules`.
 
   Args:
     state: both ensembles.
-    images: [N0 + NU, S, S, 1] uint8 resident training set; the NDM samples
-      from the first N0 (known normals), the UDM from all.
+    inputs: {"images": [N0 + NU, S, S, 1] uint8 resident training set (the
+      NDM samples from the first N0, the known normals; the UDM from all),
+      "data_keys": {module: [K] PRNG keys}, the per-member data orders}.
+    local_step: unused: the UDM's tail phase continues the UDM's epochs, so
+      both phases sample by the global step (each module's own step count).
     modules: the modules to update (static).
     num_images: images each module samples from (static).
-    data_keys: {module: [K] PRNG keys}: per-member data order.
 
   Returns:
     The new state and {"<module>_loss", "<module>_loss_max", "l2_grads"}.
   """
+  del local_step
   params, stats, opt = (
     dict(state.params),
     dict(state.batch_stats),
     dict(state.opt_state),
   )
   metrics, grad_sq = {}, 0.0
-  update = functools.partial(
-    _member_update,
-    graphdef=state.graphdef,
-    tx=state.tx,
-    backbone=backbone,
-    entropy_weight=entropy_weight,
-  )
-
   for module in modules:
+    update = functools.partial(
+      _member_update,
+      graphdef=state.graphdefs[module],
+      tx=tx,
+      loss_kw=loss_kw,
+    )
 
-    def member(p, s, o, key, module=module):
+    def member(p, s, o, key, module=module, update=update):
       idx = resident.sample_indices(
         num_images[module], state.step, key, batch_size
       )
-      x = resident.to_unit_range(images[idx])  # (B, S, S, 1)
-      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      x = api.shard_batch(resident.to_unit_range(inputs["images"][idx]))
       return update(p, s, o, x)
 
     params[module], stats[module], opt[module], loss, gnorm = _over_members(
@@ -280,15 +240,13 @@ def train_step(
       params[module],
       stats[module],
       opt[module],
-      data_keys[module],
+      inputs["data_keys"][module],
     )
     metrics[f"{module}_loss"] = jnp.mean(loss)
     metrics[f"{module}_loss_max"] = jnp.max(loss)
     grad_sq = grad_sq + jnp.sum(jnp.square(gnorm))
   metrics["l2_grads"] = jnp.sqrt(grad_sq)
-  new_state = state.replace(
-    step=state.step + 1, params=params, batch_stats=stats, opt_state=opt
-  )
+  new_state = state.replace(params=params, batch_stats=stats, opt_state=opt)
   return new_state, metrics
 
 
@@ -302,128 +260,69 @@ def data_keys(config: mlc.ConfigDict) -> dict[str, Array]:
 
 
 def phases(
-  config: mlc.ConfigDict,
-  data: oneclass.OneClassData,
-  mesh: jax.sharding.Mesh,
-) -> list[loop.Phase]:
-  """The training phases: both ensembles, then the UDM's extra steps."""
+  config: mlc.ConfigDict, images, num: dict[str, int]
+) -> list[api.Phase]:
+  """Both ensembles, then the UDM's extra steps.
+
+  Args:
+    images: [N0 + NU, S, S, 1] uint8, the known normals first.
+    num: {"ndm": N0, "udm": N0 + NU}.
+  """
   b = config.train.batch_size
-  sharding.check_batch(b, mesh, "config.train.batch_size")
-  num = {"ndm": len(data.normal), "udm": len(data.normal) + len(data.unlabeled)}
-  if num["ndm"] < b:
-    raise ValueError(
-      f"{data.name}: {num['ndm']} known-normal images, fewer "
-      f"than one batch (config.train.batch_size={b})"
-    )
   steps = {m: config.epochs * (n // b) for m, n in num.items()}
-  images = jax.device_put(
-    np.concatenate([data.normal, data.unlabeled]), sharding.replicated(mesh)
-  )
-  k = config.model.num_members
-  common = dict(
+  inputs = {"images": images, "data_keys": data_keys(config)}
+  step = functools.partial(
+    train_step,
     num_images=num,
-    data_keys=data_keys(config),
     batch_size=b,
-    backbone=config.model.backbone,
-    entropy_weight=config.model.entropy_weight,
+    tx=optimizer(config),
+    loss_kw=dict(
+      backbone=config.model.backbone,
+      entropy_weight=config.model.entropy_weight,
+    ),
     strategy=member_strategy(config),
-    batch_sharding=sharding.batch_sharded(mesh),
   )
-
-  def jitted(modules):
-    # Replicated outputs: the state stays replicated, and metrics can be
-    # fetched on every host.
-    return loop.jit_steps(
-      functools.partial(train_step, modules=modules, **common),
-      steps_per_call=config.train.steps_per_call,
-      out_shardings=sharding.replicated(mesh),
-    )
-
-  k_call = config.train.steps_per_call
-  single, multi = jitted(MODULES)
-  tail_single, tail_multi = jitted(("udm",))
-  phases = [
-    loop.Phase(
+  common = dict(batch_size=b, batch_key="train.batch_size", inputs=inputs)
+  k = config.model.num_members
+  return [
+    api.Phase(
       "ensembles",
       steps["ndm"],
-      single,
-      images,
-      member_images_per_step=2 * k * b,
-      images_per_step=b,
-      multi_step_fn=multi,
-      steps_per_call=k_call,
+      functools.partial(step, modules=MODULES),
+      members=2 * k,
+      **common,
     ),
-    loop.Phase(
+    api.Phase(
       "udm_tail",
       steps["udm"] - steps["ndm"],
-      tail_single,
-      images,
-      member_images_per_step=k * b,
-      images_per_step=b,
-      multi_step_fn=tail_multi,
-      steps_per_call=k_call,
+      functools.partial(step, modules=("udm",)),
+      members=k,
+      **common,
     ),
   ]
-  if config.refine.enabled:
-    maps_fn = functools.partial(ensemble_maps, config=config)
-    phases.append(
-      ddad_refine.phase(config, images, num["ndm"], steps["udm"], maps_fn, mesh)
-    )
-  return phases
 
 
 # -------------------------------------------------------------------- scoring
 
 
-def _forward(state, module, x, strategy):
+def _forward(model, module, x, strategy):
   def one(p, s):
-    out, _ = nnx.merge(state.graphdef, p, s)(x, train=False)
+    out, _ = nnx.merge(model.graphdefs[module], p, s)(x, train=False)
     return out
 
   return _over_members(
-    one, strategy, state.params[module], state.batch_stats[module]
+    one, strategy, model.params[module], model.batch_stats[module]
   )  # (K, B, H, W, C_out)
 
 
 def ensemble_maps(
-  state: TrainState, x: Array, *, config: mlc.ConfigDict
+  model: api.Model, x: Array, *, config: mlc.ConfigDict
 ) -> dict[str, Array]:
   """rec/intra/inter maps [B, S, S] of x [B, S, S, 1] (frozen ensembles)."""
   strategy = member_strategy(config)
   return discrepancy_maps(
-    _forward(state, "ndm", x, strategy),
-    _forward(state, "udm", x, strategy),
+    _forward(model, "ndm", x, strategy),
+    _forward(model, "udm", x, strategy),
     x,
     backbone=config.model.backbone,
   )
-
-
-def score_fn(
-  state: TrainState,
-  images: Array,
-  *,
-  config: mlc.ConfigDict,
-) -> dict[str, dict[str, Array]]:
-  """Scores a batch with the frozen ensembles (eval-mode BN).
-
-  Args:
-    images: [B, S, S, 1] uint8.
-
-  Returns:
-    {"scores": {name: [B]}, "maps": {name: [B, S, S]}}, names rec, intra,
-    inter (+ r_dual or r_intra with the refinement stage); image score =
-    spatial mean of the map.
-  """
-  maps = ensemble_maps(state, resident.to_unit_range(images), config=config)
-  if config.refine.enabled:
-    maps[ddad_refine.score_name(config)] = ddad_refine.anomaly_probability(
-      state.refine_graphdef,
-      state.params["asr"],
-      state.batch_stats["asr"],
-      maps,
-      config.refine.inputs,
-    )
-  return {
-    "scores": {k: jnp.mean(v, axis=(1, 2)) for k, v in maps.items()},
-    "maps": maps,
-  }

@@ -14,11 +14,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import optax
 from flax import nnx
 
-from jaxad import loop, optim, sharding
+from jaxad import optim
 from jaxad.data import resident, synthesis
+from jaxad.methods import api
 from jaxad.models import layers, refine
 
 Array = jax.Array
@@ -43,23 +43,20 @@ def _asr_net(config: mlc.ConfigDict, rngs: nnx.Rngs) -> refine.ASRNet:
   )
 
 
-def build(config: mlc.ConfigDict):
-  """(graphdef, optimizer) of the ASR-Net.
-
-  Adam with *coupled* L2 (PyTorch's Adam(weight_decay=...)): the decay is
-  added to the gradient before the moment estimates.
-  """
+def optimizer(config: mlc.ConfigDict):
+  """Adam with *coupled* L2 (PyTorch's Adam(weight_decay=...)): the decay is
+  added to the gradient before the moment estimates."""
   r = config.refine
-  model = nnx.eval_shape(lambda: _asr_net(config, nnx.Rngs(0)))
-  tx = optim.adam_l2(r.lr, r.weight_decay, r.b1, r.b2)
-  return nnx.graphdef(model), tx
+  return optim.adam_l2(r.lr, r.weight_decay, r.b1, r.b2)
 
 
-def init(config: mlc.ConfigDict, key: Array, tx) -> tuple:
+def graphdef(config: mlc.ConfigDict) -> nnx.GraphDef:
+  return nnx.graphdef(nnx.eval_shape(lambda: _asr_net(config, nnx.Rngs(0))))
+
+
+def init(config: mlc.ConfigDict, key: Array) -> tuple:
   """(params, batch_stats, opt_state) of a fresh ASR-Net."""
-  net = _asr_net(config, nnx.Rngs(key))
-  params = nnx.state(net, nnx.Param).to_pure_dict()
-  return params, nnx.state(net, nnx.BatchStat).to_pure_dict(), tx.init(params)
+  return api.init_net(_asr_net(config, nnx.Rngs(key)), optimizer(config))
 
 
 def focal_loss(logits: Array, mask: Array, *, gamma: float = 2.0) -> Array:
@@ -85,108 +82,85 @@ def net_inputs(maps: dict[str, Array], inputs: str) -> Array:
   return jnp.stack([maps[name] for name in INPUTS[inputs]], axis=-1)
 
 
-def anomaly_probability(graphdef, params, stats, maps, inputs) -> Array:
+def anomaly_probability(net: nnx.Module, maps, inputs) -> Array:
   """[B, H, W] refined map: P(anomalous) per pixel (eval-mode BN)."""
-  logits = nnx.merge(graphdef, params, stats)(
-    net_inputs(maps, inputs), train=False
-  )
+  logits = net(net_inputs(maps, inputs), train=False)
   return jax.nn.softmax(logits, axis=-1)[..., 1]
 
 
 def refine_step(
-  state,
-  images: Array,
+  state: api.TrainState,
+  inputs: dict[str, Array],
+  local_step: Array,
   *,
   maps_fn: Callable,
-  start: int,
   num_normal: int,
   batch_size: int,
-  inputs: str,
-  data_key: Array,
-  noise_key: Array,
-  batch_sharding,
+  inputs_kind: str,
+  tx,
 ):
   """One ASR-Net update on synthetic anomalies of the known normals.
 
   Args:
     state: the DDAD state; its ensembles are frozen here.
-    images: [N, S, S, 1] uint8 resident training set; the first
-      `num_normal` are the known normals.
-    maps_fn: (state, x [B, S, S, 1]) -> discrepancy maps {name: [B, S, S]}.
-    start: global step at which this phase starts (static).
+    inputs: {"images": [N, S, S, 1] uint8 resident training set, the first
+      `num_normal` the known normals; "data_key", "noise_key": PRNG keys}.
+    local_step: the step within this phase (data order, noise).
+    maps_fn: (model, x [B, S, S, 1]) -> discrepancy maps {name: [B, S, S]}.
 
   Returns:
     The state with the ASR-Net updated, and {"asr_loss", "l2_grads"}.
   """
-  step = state.step - start
-  idx = resident.sample_indices(num_normal, step, data_key, batch_size)
-  k_src, k_paste = jax.random.split(jax.random.fold_in(noise_key, step))
+  images = inputs["images"]
+  idx = resident.sample_indices(
+    num_normal, local_step, inputs["data_key"], batch_size
+  )
+  k_src, k_paste = jax.random.split(
+    jax.random.fold_in(inputs["noise_key"], local_step)
+  )
   src = synthesis.other_indices(k_src, idx, num_normal)
   x, mask = synthesis.paste_patches(
     k_paste,
     resident.to_unit_range(images[idx]),
     resident.to_unit_range(images[src]),
   )
-  x = jax.lax.with_sharding_constraint(x, batch_sharding)
-  maps = jax.lax.stop_gradient(maps_fn(state, x))  # frozen ensembles
-  net_in = net_inputs(maps, inputs)
+  x = api.shard_batch(x)
+  maps = jax.lax.stop_gradient(maps_fn(state.model(), x))  # frozen ensembles
+  net_in = net_inputs(maps, inputs_kind)
 
-  def loss_fn(params):
-    net = nnx.merge(state.refine_graphdef, params, state.batch_stats["asr"])
-    loss = jnp.mean(focal_loss(net(net_in, train=True), mask))
-    return loss, nnx.state(net, nnx.BatchStat).to_pure_dict()
+  def loss_fn(net):
+    return jnp.mean(focal_loss(net(net_in, train=True), mask)), None
 
-  params = state.params["asr"]
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt = state.refine_tx.update(grads, state.opt_state["asr"], params)
-  new_state = state.replace(
-    step=state.step + 1,
-    params={**state.params, "asr": optax.apply_updates(params, updates)},
-    batch_stats={**state.batch_stats, "asr": stats},
-    opt_state={**state.opt_state, "asr": opt},
-  )
-  return new_state, {"asr_loss": loss, "l2_grads": optax.global_norm(grads)}
+  state, loss, _, gnorm = api.update(state, "asr", tx, loss_fn)
+  return state, {"asr_loss": loss, "l2_grads": gnorm}
 
 
 def phase(
-  config: mlc.ConfigDict,
-  images: Array,
-  num_normal: int,
-  start: int,
-  maps_fn: Callable,
-  mesh: jax.sharding.Mesh,
-) -> loop.Phase:
+  config: mlc.ConfigDict, images, num_normal: int, maps_fn: Callable
+) -> api.Phase:
   """The "refine" phase: `refine.epochs` epochs over the known normals."""
   r = config.refine
-  sharding.check_batch(r.batch_size, mesh, "config.refine.batch_size")
-  if num_normal < max(r.batch_size, 2):
-    raise ValueError(
-      f"{num_normal} known normals: too few for config.refine.batch_size="
-      f"{r.batch_size}"
-    )
-  root = jax.random.fold_in(jax.random.key(config.seed), 2000)
+  # Two at least: each synthetic anomaly is pasted from another image.
+  api.check_batches(
+    num_normal,
+    r.batch_size,
+    what="refine: known normals",
+    key="refine.batch_size",
+    minimum=2,
+  )
   step = functools.partial(
     refine_step,
     maps_fn=maps_fn,
-    start=start,
     num_normal=num_normal,
     batch_size=r.batch_size,
-    inputs=r.inputs,
-    data_key=jax.random.fold_in(root, 0),
-    noise_key=jax.random.fold_in(root, 1),
-    batch_sharding=sharding.batch_sharded(mesh),
+    inputs_kind=r.inputs,
+    tx=optimizer(config),
   )
-  k = config.train.steps_per_call
-  single, multi = loop.jit_steps(
-    step, steps_per_call=k, out_shardings=sharding.replicated(mesh)
-  )
-  return loop.Phase(
+  return api.Phase(
     "refine",
     r.epochs * (num_normal // r.batch_size),
-    single,
-    images,
-    member_images_per_step=r.batch_size,
-    images_per_step=r.batch_size,
-    multi_step_fn=multi,
-    steps_per_call=k,
+    step,
+    batch_size=r.batch_size,
+    batch_key="refine.batch_size",
+    inputs={"images": images, **api.step_keys(config.seed, 2000)},
   )

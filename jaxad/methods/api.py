@@ -1,0 +1,376 @@
+"""The method contract: what a method provides, and what it may rely on.
+
+This module is the only interface between a method (DDAD, Multi-AD, ...) and
+the shared code: `jaxad.train`, `jaxad.evaluate`, `jaxad.bench`,
+`jaxad.report` and the training loop talk to a method through a `Method`
+object and nothing else. A method is a package `jaxad/methods/<name>/`
+whose `METHOD` attribute satisfies the `Method` protocol; `config.method`
+names the package, and `jaxad.methods.get(name)` returns the object after
+checking that it has every member below.
+
+Division of labour
+------------------
+The method owns its maths: networks, losses, one training step, scoring.
+The shared code owns everything around it:
+
+* jit, donation of the state, shardings (the state and `Phase.inputs`
+  replicated, batches split over the mesh's `data` axis), several steps per
+  jitted call (`train.steps_per_call`), the global step counter;
+* checkpoints (every `TrainState` field except `frozen`), resumption,
+  logging, NaN checks, progress and throughput;
+* evaluation: batching and padding the test images, metrics (AUROC, AP,
+  pixel AUROC, AUPRO), eval.json, scores.npz, maps.npz and the report.
+
+Lifecycle of a run
+------------------
+1. `check_config(config)`: refuse an impossible config before anything is
+   written to the workdir (raise ValueError/FileNotFoundError naming the
+   key).
+2. `load_data(config, workdir)`: the run's data; it must provide the
+   `EvalData` fields. Default: `jaxad.data.oneclass.load`.
+3. `init_state(config)`: a fresh `TrainState` on the host or any device;
+   the loop places it. It must be a pure function of the config (same
+   config, same bits), so the `frozen` networks it rebuilds on every start
+   are those the run trained with.
+4. `phases(config, data)`: the training phases, run back to back; each
+   step function is raw (not jitted) and pure. The loop increments
+   `state.step` after every step; a step function returns the state with
+   its networks updated and a dict of scalar metrics (names with "loss"
+   are printed).
+5. `score_context(config, model, data)`: anything scoring needs that is
+   computed once per evaluation (e.g. support-set or text features);
+   default None.
+6. `score(config, model, context, images)`: pure, jitted by the caller;
+   `images` are uint8 [B, S, S, C] as the data layer decodes them. It sees
+   a `Model` (parameters, BatchNorm statistics, frozen networks), never
+   optimizer state: this is the function predict/export wrap.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import flax
+import jax
+import ml_collections as mlc
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+Array = jax.Array
+Config = mlc.ConfigDict
+DATA_AXIS = "data"
+
+
+# ------------------------------------------------------------------- scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+  """One score a method reports (a key of eval.json's "scores").
+
+  `description` is one line for the report and results table, and says how
+  the image score is reduced from the map (e.g. "spatial mean").
+  """
+
+  name: str
+  description: str
+
+
+ScoreOutput = dict[str, dict[str, Array]]  # {"scores": {..}, "maps": {..}}
+
+
+# ---------------------------------------------------------------- the state
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The one train-state layout of every method.
+
+  Every dict is keyed by network name (e.g. "ndm", "student"). Leaves may
+  carry a leading member axis (ensembles). `frozen` holds networks that are
+  never differentiated, updated or checkpointed (a pretrained teacher):
+  {name: {"params": tree, "batch_stats": tree}}; `init_state` rebuilds them
+  identically every time. `graphdefs` ({name: nnx.GraphDef}, trained and
+  frozen) is static: part of the compiled program, not of the checkpoint.
+  Optimizers are not in the state: a method builds them from the config
+  (same config, same optimizer) for `init_state` and its step functions.
+  """
+
+  step: Array  # int32 scalar: global step over all phases
+  params: dict[str, Any]
+  batch_stats: dict[str, Any]
+  opt_state: dict[str, Any]
+  frozen: dict[str, Any]
+  graphdefs: flax.core.FrozenDict = flax.struct.field(pytree_node=False)
+
+  def model(self) -> "Model":
+    """The state without optimizer moments and step: what scoring sees."""
+    return Model(
+      params=self.params,
+      batch_stats=self.batch_stats,
+      frozen=self.frozen,
+      graphdefs=self.graphdefs,
+    )
+
+
+@flax.struct.dataclass
+class Model:
+  """Trained and frozen networks, enough to score (no optimizer state)."""
+
+  params: dict[str, Any]
+  batch_stats: dict[str, Any]
+  frozen: dict[str, Any]
+  graphdefs: flax.core.FrozenDict = flax.struct.field(pytree_node=False)
+
+  def net(self, name: str) -> nnx.Module:
+    """Network `name` (trained or frozen) with its parameters and stats."""
+    if name in self.frozen:
+      f = self.frozen[name]
+      return nnx.merge(self.graphdefs[name], f["params"], f["batch_stats"])
+    return nnx.merge(
+      self.graphdefs[name],
+      self.params[name],
+      self.batch_stats.get(name, {}),
+    )
+
+
+def new_state(
+  *,
+  params: dict,
+  batch_stats: dict,
+  opt_state: dict,
+  graphdefs: Mapping[str, Any],
+  frozen: dict | None = None,
+) -> TrainState:
+  """A step-0 `TrainState`."""
+  return TrainState(
+    step=np.zeros((), np.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    frozen=frozen or {},
+    graphdefs=flax.core.freeze(dict(graphdefs)),
+  )
+
+
+def init_net(module: nnx.Module, tx: optax.GradientTransformation | None):
+  """(params, batch_stats, opt_state or None) of a freshly built module."""
+  params = nnx.state(module, nnx.Param).to_pure_dict()
+  stats = nnx.state(module, nnx.BatchStat).to_pure_dict()
+  return params, stats, (tx.init(params) if tx is not None else None)
+
+
+# --------------------------------------------------------------- one update
+
+
+def update_net(
+  graphdef,
+  tx: optax.GradientTransformation,
+  params,
+  batch_stats,
+  opt_state,
+  loss_fn: Callable[[nnx.Module], tuple[Array, Any]],
+):
+  """loss -> gradients -> optimizer -> parameters (+ BatchNorm statistics).
+
+  The one place a method's network is updated. `loss_fn(module)` receives
+  the network merged with `params` and `batch_stats` (call it with
+  train=True) and returns (scalar loss, aux); the statistics the forward
+  pass updated become the new `batch_stats`.
+
+  Returns:
+    (params, batch_stats, opt_state, loss, aux, global gradient norm).
+  """
+
+  def wrapped(params):
+    module = nnx.merge(graphdef, params, batch_stats)
+    loss, aux = loss_fn(module)
+    return loss, (aux, nnx.state(module, nnx.BatchStat).to_pure_dict())
+
+  (loss, (aux, stats)), grads = jax.value_and_grad(wrapped, has_aux=True)(
+    params
+  )
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, stats, opt_state, loss, aux, optax.global_norm(grads)
+
+
+def update(
+  state: TrainState,
+  name: str,
+  tx: optax.GradientTransformation,
+  loss_fn: Callable[[nnx.Module], tuple[Array, Any]],
+):
+  """`update_net` on network `name` of `state`.
+
+  Returns:
+    (state with the network updated, loss, aux, global gradient norm).
+  """
+  params, stats, opt, loss, aux, gnorm = update_net(
+    state.graphdefs[name],
+    tx,
+    state.params[name],
+    state.batch_stats[name],
+    state.opt_state[name],
+    loss_fn,
+  )
+  state = state.replace(
+    params={**state.params, name: params},
+    batch_stats={**state.batch_stats, name: stats},
+    opt_state={**state.opt_state, name: opt},
+  )
+  return state, loss, aux, gnorm
+
+
+def shard_batch(x: Array) -> Array:
+  """Constrains a batch drawn inside a step to be split over `data`.
+
+  The loop traces steps under the run's mesh, so a bare PartitionSpec
+  names its axis.
+  """
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(DATA_AXIS))
+
+
+# ------------------------------------------------------------------- phases
+
+StepFn = Callable[[TrainState, Any, Array], tuple[TrainState, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """`num_steps` steps of `step_fn(state, inputs, local_step)`.
+
+  `local_step` is the step within this phase (int32, from 0), for data
+  order and noise; `state.step` is the global step. Exactly one of:
+  * `inputs`: a pytree of arrays placed once, replicated, and passed to
+    every step (device-resident datasets, PRNG keys);
+  * `batches(first_step)`: a host iterator of per-step pytrees starting at
+    phase-local step `first_step` (so a resumed run continues where it
+    stopped); the loop places each one split over `data` (leading axis).
+
+  `batch_size` (the images a step draws, checked against the mesh under
+  the config key `batch_key`) and `members` (networks trained per image,
+  >1 for ensembles) give the logged throughput.
+  """
+
+  name: str
+  num_steps: int
+  step_fn: StepFn
+  batch_size: int
+  batch_key: str
+  inputs: Any = None
+  batches: Callable[[int], Iterator[Any]] | None = None
+  members: int = 1
+
+
+def check_batches(
+  num: int, batch_size: int, *, what: str, key: str, minimum: int = 1
+) -> None:
+  """Raises ValueError unless `num` images fill a batch of `batch_size`
+  (and hold at least `minimum`): named by `what` (e.g. "kermany: known
+  normals") and the config `key` of the batch size."""
+  if num < max(batch_size, minimum):
+    raise ValueError(
+      f"{what}: {num} images, fewer than one batch (config.{key}="
+      f"{batch_size}{f', at least {minimum}' if minimum > 1 else ''})"
+    )
+
+
+def step_keys(seed: int, salt: int) -> dict[str, Array]:
+  """{"data_key", "noise_key"}: a phase's data-order and noise keys,
+  fold_in(fold_in(key(seed), salt), 0 | 1); fold them with the step."""
+  root = jax.random.fold_in(jax.random.key(seed), salt)
+  return {
+    "data_key": jax.random.fold_in(root, 0),
+    "noise_key": jax.random.fold_in(root, 1),
+  }
+
+
+# ----------------------------------------------------------------- the data
+
+
+@runtime_checkable
+class EvalData(Protocol):
+  """What evaluation reads of a method's data (OneClassData has it)."""
+
+  name: str
+  test: np.ndarray  # [N, S, S, C] uint8
+  test_labels: np.ndarray  # [N] int, 0 normal / 1 abnormal
+  test_names: tuple[str, ...]
+  test_masks: np.ndarray | None  # [N, H, W] bool, or None
+
+
+# --------------------------------------------------------------- the method
+
+
+@runtime_checkable
+class Method(Protocol):
+  """A method's `METHOD` object. Every member is required (see above)."""
+
+  def check_config(self, config: Config) -> None:
+    """Raises ValueError/FileNotFoundError naming the key; writes nothing."""
+
+  def resumable_changes(self, stored: dict[str, Any]) -> tuple[str, ...]:
+    """Config-key prefixes that may differ from a stored run's flattened
+    config (`stored`) when resuming it, e.g. a stage not trained yet."""
+
+  def load_data(self, config: Config, workdir: str) -> EvalData:
+    """The run's data (may record its split in the workdir)."""
+
+  def init_state(self, config: Config) -> TrainState:
+    """A fresh state; a pure function of the config."""
+
+  def phases(self, config: Config, data: EvalData) -> list[Phase]:
+    """The training phases with raw step functions, run in order."""
+
+  def scores(self, config: Config) -> tuple[Score, ...]:
+    """The scores `score` returns, in display order (refined last)."""
+
+  def score_context(self, config: Config, model: Model, data: EvalData) -> Any:
+    """Computed once per evaluation and passed to every `score` call."""
+
+  def score(
+    self, config: Config, model: Model, context: Any, images: Array
+  ) -> ScoreOutput:
+    """{"scores": {name: [B]}, "maps": {name: [B, S, S]}} of uint8
+    images [B, S, S, C]; maps may be {} for methods without maps."""
+
+
+REQUIRED = tuple(
+  name
+  for name in vars(Method)
+  if not name.startswith("_") and callable(getattr(Method, name))
+)
+
+
+def check_method(method: Any, name: str) -> None:
+  """Raises TypeError naming every contract member `method` lacks."""
+  missing = [m for m in REQUIRED if not callable(getattr(method, m, None))]
+  if missing:
+    raise TypeError(
+      f"jaxad.methods.{name}.METHOD does not implement the method contract "
+      f"(jaxad/methods/api.py): missing {missing}"
+    )
+
+
+class Defaults:
+  """The optional members' defaults; a method may subclass it."""
+
+  def check_config(self, config: Config) -> None:
+    del config
+
+  def resumable_changes(self, stored: dict[str, Any]) -> tuple[str, ...]:
+    del stored
+    return ()
+
+  def load_data(self, config: Config, workdir: str) -> EvalData:
+    """The one-class data of `config.data` (jaxad.data.oneclass)."""
+    from jaxad.data import oneclass  # tfds/grain only when data is loaded
+
+    return oneclass.load(config.data, workdir)
+
+  def score_context(self, config: Config, model: Model, data: EvalData) -> Any:
+    del config, model, data
+    return None
