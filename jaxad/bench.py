@@ -30,7 +30,6 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxad import cli, evaluate, loop, methods, sharding
-from jaxad.data import oneclass
 
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 _DATA = flags.DEFINE_enum(
@@ -68,27 +67,6 @@ def peak_flops(device: jax.Device, dtype: str = "float32") -> float | None:
     if kind in device.device_kind:
       return bf16 if dtype == "bfloat16" else f32
   return None
-
-
-def synthetic_data(config, num_images: int) -> oneclass.OneClassData:
-  """Random uint8 images shaped like the config's data (seeded)."""
-  rng = np.random.default_rng(0)
-  size = config.data.image_size
-  shape = (size, size, config.data.get("channels", 1))
-  unlabeled = config.data.get("unlabeled_size", 0)
-
-  def images(n):
-    return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-
-  return oneclass.OneClassData(
-    name="synthetic",
-    normal=images(num_images),
-    unlabeled=images(unlabeled),
-    unlabeled_labels=np.zeros(unlabeled, np.int32),
-    test=images(num_images),
-    test_labels=np.arange(num_images, dtype=np.int32) % 2,
-    test_names=tuple(f"synthetic/{i}" for i in range(num_images)),
-  )
 
 
 def _flops(compiled) -> float | None:
@@ -238,7 +216,7 @@ def run(
   method.check_config(config)
   mesh = sharding.make_mesh(config.mesh)
   if synthetic:
-    data = synthetic_data(config, num_images)
+    data = method.synthetic_data(config, num_images)
   else:
     data = method.load_data(config, workdir)
   device = jax.devices()[0]

@@ -22,7 +22,16 @@ import ml_collections as mlc
 import numpy as np
 from absl import app, flags, logging
 
-from jaxad import checkpoint, cli, loop, methods, metrics, report, sharding
+from jaxad import (
+  checkpoint,
+  cli,
+  configlib,
+  loop,
+  methods,
+  metrics,
+  report,
+  sharding,
+)
 from jaxad.methods import api
 
 
@@ -35,6 +44,41 @@ def score_fn(method: api.Method, config: mlc.ConfigDict, mesh):
     lambda model, context, images: method.score(config, model, context, images),
     out_shardings=sharding.replicated(mesh),
   )
+
+
+def check_scores(method: api.Method, config, model, data, mesh) -> None:
+  """Traces `method.score` on one eval batch (no compute) and checks its
+  output against `method.scores(config)`, before any training.
+
+  Raises:
+    ValueError: scores other than `scores()` lists, a map whose name is
+      not a score, or a score that is not [B] / a map that is not 3-D.
+  """
+  names = [s.name for s in method.scores(config)]
+  b = config.eval.batch_size
+  images = jax.ShapeDtypeStruct((b, *data.test.shape[1:]), data.test.dtype)
+  with jax.set_mesh(mesh):
+    context = jax.eval_shape(
+      lambda m: method.score_context(config, m, data), model
+    )
+    out = jax.eval_shape(
+      lambda m, c, x: method.score(config, m, c, x), model, context, images
+    )
+  where = f"{type(method).__name__}.score"
+  if set(out["scores"]) != set(names):
+    raise ValueError(
+      f"{where} returns scores {sorted(out['scores'])}, its "
+      f"scores() lists {names}"
+    )
+  extra = sorted(set(out["maps"]) - set(names))
+  if extra:
+    raise ValueError(f"{where}: maps {extra} are not among its scores {names}")
+  for k, v in out["scores"].items():
+    if v.shape != (b,):
+      raise ValueError(f"{where}: score {k!r} has shape {v.shape}, not ({b},)")
+  for k, v in out["maps"].items():
+    if v.ndim != 3 or v.shape[0] != b:
+      raise ValueError(f"{where}: map {k!r} has shape {v.shape}, not [B,H,W]")
 
 
 def score_images(score, model, context, images, batch_size: int, mesh):
@@ -73,6 +117,7 @@ def evaluate(
 ) -> dict:
   """Scores `data.test`, writes eval.json, scores.npz, maps.npz (and the
   visual report with `write_report`); returns the eval.json content."""
+  check_scores(method, config, model, data, mesh)
   with jax.set_mesh(mesh):
     context = method.score_context(config, model, data)
     out = score_images(
@@ -84,11 +129,6 @@ def evaluate(
       mesh,
     )
   order = [s.name for s in method.scores(config)]
-  if set(out["scores"]) != set(order):
-    raise ValueError(
-      f"{config.method}.score returned scores {sorted(out['scores'])}, its "
-      f"scores() lists {order}"
-    )
   labels = np.asarray(data.test_labels)
   result = {
     "dataset": data.name,
@@ -163,16 +203,31 @@ def format_table(result: dict) -> str:
 
 
 def restore(config: mlc.ConfigDict, workdir: str):
-  """The method, its trained `Model` from W's latest checkpoint, the mesh."""
+  """The method, its trained `Model` from W's latest checkpoint, the mesh.
+
+  Raises:
+    FileNotFoundError: W has no checkpoint.
+    ValueError: `config` differs from W/config.json in a key that neither
+      re-scoring (`Method.rescoring_changes`) nor resuming may change.
+  """
   mesh = sharding.make_mesh(config.mesh)
   method = methods.get(config.method)
   method.check_config(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+      f"No checkpoint in {directory}: train first with python -m jaxad.train"
+    )
+  # The trained run's config, up to what re-scoring may change (another
+  # support set, the mesh) and what resuming it may.
+  stored = configlib.stored_config(workdir)
+  allowed = method.resumable_changes(stored) + method.rescoring_changes()
+  configlib.check_workdir(config, workdir, allowed + ("mesh.",), write=False)
+  ckpt = checkpoint.Checkpointer(directory)
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(
-        f"No checkpoint in {workdir}/checkpoints: train "
-        "first with python -m jaxad.train"
+        f"No checkpoint in {directory}: train first with python -m jaxad.train"
       )
     state = ckpt.restore_latest(loop.place(method.init_state(config), mesh))
   finally:

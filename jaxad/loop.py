@@ -13,6 +13,8 @@ state, so the last good checkpoint survives a divergence.
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,10 +42,30 @@ class CompiledPhase:
   mesh: jax.sharding.Mesh
 
   def next_inputs(self, batches: Iterator | None):
-    """The inputs of the next step: resident, or the next host batch."""
+    """The inputs of the next step: resident, or the next host batch.
+
+    Raises:
+      ValueError: the iterator ended early, or a leaf of the batch has no
+        leading axis of the phase's `batch_size`.
+    """
     if batches is None:
       return self.inputs
-    return jax.device_put(next(batches), sharding.batch_sharded(self.mesh))
+    name, b = self.phase.name, self.phase.batch_size
+    try:
+      batch = next(batches)
+    except StopIteration:
+      raise ValueError(
+        f"Phase {name!r}: its batches iterator ended before the phase's "
+        f"{self.phase.num_steps} steps"
+      ) from None
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+      if np.ndim(leaf) == 0 or np.shape(leaf)[0] != b:
+        raise ValueError(
+          f"Phase {name!r}: batch leaf {jax.tree_util.keystr(path)} has "
+          f"shape {np.shape(leaf)}; every leaf needs a leading axis of "
+          f"batch_size={b}"
+        )
+    return jax.device_put(batch, sharding.batch_sharded(self.mesh))
 
 
 def place(tree, mesh: jax.sharding.Mesh):
@@ -142,6 +164,48 @@ def _call_fits(step: int, k: int, end: int, *cadences: int) -> bool:
   )
 
 
+class _StopOnSignal:
+  """SIGINT (Ctrl-C) or SIGTERM (preemption) during training: finish the
+  step in flight, then stop at a step boundary, where the state is intact
+  and can be checkpointed. A second signal stops at once."""
+
+  def __enter__(self):
+    self.requested = False
+    self._old = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    logging.warning(
+      "Signal %d: stopping after the step in flight, with a checkpoint "
+      "(send it again to stop at once, without one).",
+      signum,
+    )
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _keep_metrics_until(path: str, step: int) -> None:
+  """Drops metrics.jsonl records after `step`: a resumed run logs the steps
+  after its checkpoint again."""
+  if jax.process_index() or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with open(path, "w") as f:
+      f.writelines(kept)
+
+
 class NonFiniteError(FloatingPointError):
   """Raised when a loss or the parameters become NaN/Inf."""
 
@@ -193,8 +257,11 @@ def train(
   work = [p.phase.num_steps * _work_per_step(p.phase) for p in phases]
   after = [sum(work[i + 1 :]) for i in range(len(phases))]
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  _keep_metrics_until(metrics_path, step)
   start = 0
+  stop = _StopOnSignal()
   try:
+    stop.__enter__()
     for compiled, later in zip(phases, after, strict=True):
       phase = compiled.phase
       end = start + phase.num_steps
@@ -226,6 +293,8 @@ def train(
             step += 1
           if on_step is not None:
             on_step(step)
+          if stop.requested:
+            raise KeyboardInterrupt
           last = step == end
           if step % log_every == 0 or last:
             remaining = (end - step) * _work_per_step(phase) + later
@@ -245,21 +314,21 @@ def train(
             _save(checkpointer, step, state)
       start = end
   except KeyboardInterrupt:
-    if (
-      _alive(state)
-      and int(state.step) == step
-      and step > (checkpointer.latest_step() or 0)
-    ):
+    saved = _alive(state) and int(state.step) == step
+    if saved and step > (checkpointer.latest_step() or 0):
       _save(checkpointer, step, state)
       checkpointer.wait()
     logging.warning(
-      "Interrupted at step %d; checkpoint kept in %s. Re-run "
-      "the same command to resume.",
+      "Interrupted at step %d; %s. Re-run the same command to resume.",
       step,
-      workdir,
+      f"checkpoint of step {step} in {workdir}"
+      if saved
+      else f"the step in flight was lost; the last checkpoint is step "
+      f"{checkpointer.latest_step()}",
     )
     raise
   finally:
+    stop.__exit__()
     checkpointer.wait()
   return state
 
@@ -274,6 +343,12 @@ def _log(
   # The one host sync per log interval; (metrics, number of steps) pairs.
   host = jax.device_get([m for m, _ in pending])
   weights = [n for _, n in pending]
+  for k, v in host[0].items():
+    if np.ndim(v):
+      raise ValueError(
+        f"Phase {phase.name!r}: metric {k!r} has shape {np.shape(v)}; a "
+        "step's metrics must be scalars"
+      )
   mean = {
     k: float(np.average([m[k] for m in host], weights=weights)) for k in host[0]
   }

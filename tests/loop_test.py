@@ -2,6 +2,8 @@
 batches, throughput units."""
 
 import json
+import os
+import signal
 import tempfile
 
 import flax
@@ -105,6 +107,58 @@ class LoopTest(absltest.TestCase):
     mesh8 = sharding.make_mesh(mlc.ConfigDict({"data": 8}))
     with self.assertRaisesRegex(ValueError, "config.train.batch_size=2"):
       loop.compile_phases([phase("x", 1)], mesh8, 1)
+
+  def test_host_batches_of_the_wrong_shape_or_too_few_are_named(self):
+    def short(first):
+      yield from [np.ones((2,), np.float32)] * (2 - first)
+
+    with self.assertRaisesRegex(ValueError, "'host'.*ended before"):
+      train([phase("host", 3, inputs=None, batches=short)])
+
+    def wrong(first):
+      while True:
+        yield {"x": np.ones((3,), np.float32)}
+
+    with self.assertRaisesRegex(ValueError, r"\['x'\] has shape \(3,\)"):
+      train([phase("host", 3, inputs=None, batches=wrong)])
+
+  def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(self):
+    mesh = sharding.make_mesh(mlc.ConfigDict({"data": 1}))
+    workdir = tempfile.mkdtemp()
+    ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints")
+
+    def signal_at(step):
+      if step == 5:
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C mid-run
+
+    with self.assertRaises(KeyboardInterrupt):
+      loop.train(
+        loop.place(counter(), mesh),
+        loop.compile_phases([phase("count", 10)], mesh, 1),
+        workdir=workdir,
+        checkpointer=ckpt,
+        log_every=2,
+        checkpoint_every=100,
+        on_step=signal_at,
+      )
+    self.assertEqual(ckpt.latest_step(), 5)
+    # Resumed from step 5: the records logged after it are dropped first.
+    with open(f"{workdir}/metrics.jsonl", "a") as f:
+      f.write(json.dumps({"step": 6, "loss": 0.0}) + "\n")
+    state = ckpt.restore_latest(loop.place(counter(), mesh))
+    loop.train(
+      state,
+      loop.compile_phases([phase("count", 10)], mesh, 1),
+      workdir=workdir,
+      checkpointer=ckpt,
+      log_every=2,
+      checkpoint_every=100,
+    )
+    ckpt.close()
+    with open(f"{workdir}/metrics.jsonl") as f:
+      steps = [json.loads(line)["step"] for line in f]
+    self.assertEqual(steps, [2, 4, 6, 8, 10])
+    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
 
   def test_steps_per_call_must_be_positive(self):
     with self.assertRaisesRegex(ValueError, "steps_per_call"):

@@ -183,16 +183,22 @@ def resolve(
     logging.info("Re-using the one-class split in %s", path)
     return split
   split = {"params": params, **draw_fn()}
-  os.makedirs(workdir, exist_ok=True)
-  # Write then rename, so that a crash never leaves a half-written split.
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".split.", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(split, f, indent=1)
-  os.replace(tmp, path)
+  write_json(path, split)
   logging.info(
     "Drew a one-class split (seed %s), wrote %s", params.get("split_seed"), path
   )
   return split
+
+
+def write_json(path: str, record: dict) -> None:
+  """Writes `record` to `path` atomically (a temporary file, then a
+  rename), so that a crash never leaves a half-written split."""
+  folder = os.path.dirname(path) or "."
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".split.", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, path)
 
 
 def require(split: dict[str, Any], path: str, *keys: str) -> Any:

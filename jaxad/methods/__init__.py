@@ -4,7 +4,7 @@ import importlib
 
 from jaxad.methods import api
 
-NAMES = ("ddad", "multiad")
+NAMES = ("ddad", "multiad", "d24fad")
 
 
 def get(name: str) -> api.Method:
@@ -15,7 +15,10 @@ def get(name: str) -> api.Method:
     TypeError: the package's METHOD lacks a member of the contract.
   """
   if name not in NAMES:
-    raise ValueError(f"config.method={name!r} is not one of {NAMES}")
+    raise ValueError(
+      f"config.method={name!r} is not one of {NAMES} (a new method is "
+      "added there, in jaxad/methods/__init__.py)"
+    )
   method = importlib.import_module(f"jaxad.methods.{name}").METHOD
   api.check_method(method, name)
   return method

@@ -21,6 +21,20 @@ The shared code owns everything around it:
 * evaluation: batching and padding the test images, metrics (AUROC, AP,
   pixel AUROC, AUPRO), eval.json, scores.npz, maps.npz and the report.
 
+Adding a method
+---------------
+1. A package `jaxad/methods/<name>/` whose `__init__.py` defines `METHOD`
+   (subclass `Defaults` for the optional members), and `<name>` in
+   `jaxad.methods.NAMES`.
+2. `configs/<name>.py` with `get_config(arg)` and a `:smoke` argument: the
+   conformance test (tests/conformance_test.py) then runs the whole
+   contract on it. The shared code reads these keys: `method`, `seed`,
+   `epochs` (only in messages), `mesh.data`, `eval.batch_size`,
+   `train.{batch_size, log_every, checkpoint_every, steps_per_call}`,
+   `data.{image_size, channels, cache_dir}` (bench, default loader) and
+   whatever `data.*` the method's `load_data` reads.
+3. Golden tests of the maths against the original code where it exists.
+
 Lifecycle of a run
 ------------------
 1. `check_config(config)`: refuse an impossible config before anything is
@@ -36,14 +50,22 @@ Lifecycle of a run
    step function is raw (not jitted) and pure. The loop increments
    `state.step` after every step; a step function returns the state with
    its networks updated and a dict of scalar metrics (names with "loss"
-   are printed).
+   are printed). A batch a step draws from resident `inputs` must pass
+   through `shard_batch`, or every device computes the whole batch.
+   `phases` may also receive the bench's synthetic one-class data.
 5. `score_context(config, model, data)`: anything scoring needs that is
    computed once per evaluation (e.g. support-set or text features);
    default None.
 6. `score(config, model, context, images)`: pure, jitted by the caller;
    `images` are uint8 [B, S, S, C] as the data layer decodes them. It sees
    a `Model` (parameters, BatchNorm statistics, frozen networks), never
-   optimizer state: this is the function predict/export wrap.
+   optimizer state: this is the function predict/export wrap. It returns
+   exactly the scores `scores(config)` lists, and maps only under those
+   names; `jaxad.evaluate.check_scores` traces it before training starts.
+
+Everything that can refuse a run (`check_config`, batch sizes against the
+mesh, `load_data`, `phases`, the score's names) runs before the workdir's
+config.json is written, so a corrected command can re-use the workdir.
 """
 
 import dataclasses
@@ -165,6 +187,26 @@ def init_net(module: nnx.Module, tx: optax.GradientTransformation | None):
 # --------------------------------------------------------------- one update
 
 
+def minimize_step(
+  loss_fn: Callable[[Any], tuple[Array, Any]],
+  params,
+  opt_state,
+  tx: optax.GradientTransformation,
+):
+  """One optimizer step on `loss_fn(params) -> (scalar loss, aux)`.
+
+  The one "loss -> gradients -> optimizer -> parameters" in jaxad; use
+  `update_net`/`update` for a network whose forward is one module call.
+
+  Returns:
+    (params, opt_state, loss, aux, global gradient norm).
+  """
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, loss, aux, optax.global_norm(grads)
+
+
 def update_net(
   graphdef,
   tx: optax.GradientTransformation,
@@ -189,12 +231,10 @@ def update_net(
     loss, aux = loss_fn(module)
     return loss, (aux, nnx.state(module, nnx.BatchStat).to_pure_dict())
 
-  (loss, (aux, stats)), grads = jax.value_and_grad(wrapped, has_aux=True)(
-    params
+  params, opt_state, loss, (aux, stats), gnorm = minimize_step(
+    wrapped, params, opt_state, tx
   )
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  return params, stats, opt_state, loss, aux, optax.global_norm(grads)
+  return params, stats, opt_state, loss, aux, gnorm
 
 
 def update(
@@ -245,10 +285,13 @@ class Phase:
   `local_step` is the step within this phase (int32, from 0), for data
   order and noise; `state.step` is the global step. Exactly one of:
   * `inputs`: a pytree of arrays placed once, replicated, and passed to
-    every step (device-resident datasets, PRNG keys);
+    every step (device-resident datasets, PRNG keys); such phases run
+    `train.steps_per_call` steps per jitted call;
   * `batches(first_step)`: a host iterator of per-step pytrees starting at
     phase-local step `first_step` (so a resumed run continues where it
-    stopped); the loop places each one split over `data` (leading axis).
+    stopped); it must yield `num_steps - first_step` batches whose every
+    leaf has a leading axis of `batch_size`; the loop places each one
+    split over `data`, one step per call.
 
   `batch_size` (the images a step draws, checked against the mesh under
   the config key `batch_key`) and `members` (networks trained per image,
@@ -307,7 +350,9 @@ class EvalData(Protocol):
 
 @runtime_checkable
 class Method(Protocol):
-  """A method's `METHOD` object. Every member is required (see above)."""
+  """A method's `METHOD` object: every member below must exist; `Defaults`
+  implements the optional ones (check_config, resumable_changes,
+  rescoring_changes, load_data, synthetic_data, score_context)."""
 
   def check_config(self, config: Config) -> None:
     """Raises ValueError/FileNotFoundError naming the key; writes nothing."""
@@ -316,8 +361,15 @@ class Method(Protocol):
     """Config-key prefixes that may differ from a stored run's flattened
     config (`stored`) when resuming it, e.g. a stage not trained yet."""
 
+  def rescoring_changes(self) -> tuple[str, ...]:
+    """Config-key prefixes `jaxad.evaluate` may change against the trained
+    run's config: inputs of scoring, not weights (e.g. a support set)."""
+
   def load_data(self, config: Config, workdir: str) -> EvalData:
     """The run's data (may record its split in the workdir)."""
+
+  def synthetic_data(self, config: Config, num_images: int) -> EvalData:
+    """Seeded random data shaped like `load_data`'s, for `jaxad.bench`."""
 
   def init_state(self, config: Config) -> TrainState:
     """A fresh state; a pure function of the config."""
@@ -365,6 +417,9 @@ class Defaults:
     del stored
     return ()
 
+  def rescoring_changes(self) -> tuple[str, ...]:
+    return ()
+
   def load_data(self, config: Config, workdir: str) -> EvalData:
     """The one-class data of `config.data` (jaxad.data.oneclass)."""
     from jaxad.data import oneclass  # tfds/grain only when data is loaded
@@ -374,3 +429,27 @@ class Defaults:
   def score_context(self, config: Config, model: Model, data: EvalData) -> Any:
     del config, model, data
     return None
+
+  def synthetic_data(self, config: Config, num_images: int) -> EvalData:
+    """Random one-class data (seeded) shaped like the config's: known
+    normals and test images [num_images, S, S, C] uint8, an unlabeled pool
+    of `data.unlabeled_size`."""
+    from jaxad.data import oneclass
+
+    rng = np.random.default_rng(0)
+    size = config.data.image_size
+    shape = (size, size, config.data.get("channels", 1))
+    unlabeled = config.data.get("unlabeled_size", 0)
+
+    def images(n):
+      return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+
+    return oneclass.OneClassData(
+      name="synthetic",
+      normal=images(num_images),
+      unlabeled=images(unlabeled),
+      unlabeled_labels=np.zeros(unlabeled, np.int32),
+      test=images(num_images),
+      test_labels=np.arange(num_images, dtype=np.int32) % 2,
+      test_names=tuple(f"synthetic/{i}" for i in range(num_images)),
+    )

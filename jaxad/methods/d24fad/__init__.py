@@ -1,13 +1,312 @@
 """D²4FAD: dual distillation for few-shot anomaly detection (METHODS.md 2).
 
-First landing: the model-level maths only, checked against the original
-code's golden vectors (tests/d24fad_golden_test.py). No `METHOD` yet (the
-training loop, data and config come later), so `jaxad.methods.NAMES` does
-not list it.
+A frozen ImageNet Wide-ResNet-50-2 teacher encodes every image; its layer4
+feeds a trained reverse decoder (de-WRN-50-2) whose three stages are
+distilled from the teacher's layer1..3 on the query (TSD) and, through
+learn-to-weight attention over K support images of the same dataset, from
+the supports' decoded features (SSD): L = SSD + 0.1 TSD. Training runs on
+episodes from several *source* datasets; the *target* is scored with its
+own K-shot support set, an input (`score_context`), never a weight.
 
-* `jaxad.models.reverse_decoder`: the de-WRN-50-2 student decoder;
-* `learn_to_weight`: the L2W attention over the K supports;
-* `losses`: TSD / SSD losses, the anomaly map, smoothing, image score;
-* `forward`: per-slice BatchNorm, the training loss, test-time scoring;
-* `jaxad.weights.d24fad`: the original's state dicts -> Flax.
+Modules: `episodes` (query/support draws on the device), `forward`
+(per-slice BatchNorm, loss, scoring), `learn_to_weight`, `losses`;
+`jaxad.models.reverse_decoder`, `jaxad.models.teacher`,
+`jaxad.weights.d24fad` (the original's state dicts).
 """
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxad.methods import api
+from jaxad.methods.d24fad import episodes, forward
+from jaxad.methods.d24fad.learn_to_weight import LearnToWeight
+from jaxad.models import reverse_decoder, teacher
+
+Array = jax.Array
+SCORE = "d24fad"
+
+
+def teacher_kwargs(config: mlc.ConfigDict) -> dict:
+  """`resnet.ResNet` arguments of the frozen teacher (all 4 stages)."""
+  m = config.model
+  return dict(
+    variant=m.variant,
+    num_blocks=tuple(m.teacher_blocks) or None,
+    stages=4,
+    in_channels=3,
+  )
+
+
+def _decoder(config, key) -> reverse_decoder.ReverseDecoder:
+  m = config.model
+  return reverse_decoder.ReverseDecoder(
+    num_blocks=tuple(m.decoder_blocks),
+    width_per_group=m.width_per_group,
+    rngs=nnx.Rngs(key),
+  )
+
+
+def optimizer(config: mlc.ConfigDict) -> optax.GradientTransformation:
+  """Adam over the decoder and learn-to-weight (METHODS.md 2.5)."""
+  o = config.optim
+  return optax.adam(o.lr, b1=o.b1, b2=o.b2)
+
+
+def to_input(images: Array) -> Array:
+  """uint8 [B, S, S, C] -> float32 [B, S, S, 3] in [0, 1].
+
+  ToTensor only: the original feeds [0, 1] RGB to the ImageNet teacher
+  without its normalisation (METHODS.md 2.5); grayscale is repeated.
+  """
+  x = images.astype(jnp.float32) / 255.0
+  return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+def _encode(model: api.Model, x: Array) -> dict[str, Array]:
+  """The frozen teacher's layer1..4 features (eval-mode BN), no gradient."""
+  feats = model.net("teacher")(x, train=False)
+  return {k: jax.lax.stop_gradient(v) for k, v in feats.items()}
+
+
+def train_step(state, inputs, local_step, *, tx, draw, bn_mode):
+  """One episode: B queries with K supports each, one Adam step.
+
+  Args:
+    state: decoder + learn-to-weight (trained), teacher (frozen).
+    inputs: {"pool": [N, S, S, C] uint8 resident training normals of every
+      source, grouped by source; "pool_source" [N] int32; "start", "size"
+      [S] int32 (`episodes.source_ranges`); "data_key", "noise_key"}.
+    local_step: step within the phase (the only phase).
+    draw: `episodes.draw` with its static arguments bound.
+
+  Returns:
+    The new state and {"loss", "ssd_loss", "tsd_loss", "l2_grads"}.
+  """
+  queries, supports = draw(
+    local_step,
+    pool_source=inputs["pool_source"],
+    start=inputs["start"],
+    size=inputs["size"],
+    data_key=inputs["data_key"],
+    noise_key=inputs["noise_key"],
+  )
+  k, b = supports.shape
+  images = inputs["pool"][jnp.concatenate([queries, supports.reshape(-1)])]
+  x = api.shard_batch(to_input(images))
+  feats = _encode(state.model(), x)
+  e4 = feats["layer4"]
+  e4_query, e4_support = e4[:b], e4[b:].reshape(k, b, *e4.shape[1:])
+  tsd_teacher = tuple(feats[f"layer{i}"][:b] for i in (1, 2, 3))
+  loss_fn = functools.partial(
+    forward.train_loss,
+    batch_stats=state.batch_stats["decoder"],
+    e4_query=e4_query,
+    e4_support=e4_support,
+    teacher=tsd_teacher,
+    decoder_def=state.graphdefs["decoder"],
+    l2w_def=state.graphdefs["l2w"],
+    bn_mode=bn_mode,
+  )
+  # One Adam over decoder and learn-to-weight, as the original.
+  trained = {"decoder": state.params["decoder"], "l2w": state.params["l2w"]}
+  params, opt, loss, aux, gnorm = api.minimize_step(
+    loss_fn, trained, state.opt_state["student"], tx
+  )
+  state = state.replace(
+    params=params,
+    batch_stats={"decoder": aux["batch_stats"]},
+    opt_state={"student": opt},
+  )
+  return state, {
+    "loss": loss,
+    "ssd_loss": aux["ssd"],
+    "tsd_loss": aux["tsd"],
+    "l2_grads": gnorm,
+  }
+
+
+class D24FAD(api.Defaults):
+  """The D²4FAD method object (see jaxad/methods/api.py)."""
+
+  def check_config(self, config: mlc.ConfigDict) -> None:
+    teacher.check_weights(
+      config.model.teacher_weights,
+      config.model.variant,
+      method="D²4FAD",
+      offline=" (or configs/d24fad.py:offline)",
+    )
+    if config.model.bn_mode not in forward.BN_MODES:
+      raise ValueError(
+        f"config.model.bn_mode must be one of {list(forward.BN_MODES)}, "
+        f"got {config.model.bn_mode!r}"
+      )
+    if config.data.channels != 3:
+      raise ValueError(
+        "config.data.channels must be 3: the teacher reads RGB, got "
+        f"{config.data.channels}"
+      )
+    from jaxad.data import fewshot  # tfds only when data is prepared
+
+    fewshot.check_config(config.data)  # sources, target, shots: no decoding
+
+  def rescoring_changes(self) -> tuple[str, ...]:
+    # The support set is an input of scoring, not a weight: another K or
+    # support draw/folder re-scores a trained model (`jaxad.evaluate`).
+    return ("data.shots", "data.support")
+
+  def load_data(self, config: mlc.ConfigDict, workdir: str):
+    from jaxad.data import fewshot  # tfds only when data is prepared
+
+    return fewshot.load(config.data, workdir)
+
+  def synthetic_data(self, config: mlc.ConfigDict, num_images: int):
+    """Seeded random few-shot data: 2 sources of num_images / 2 training
+    normals each, K supports, num_images test images [S, S, 3] uint8."""
+    from jaxad.data import fewshot
+
+    rng = np.random.default_rng(0)
+    size, k = config.data.image_size, config.data.shots
+
+    def images(n):
+      return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+    half = max(num_images // 2, 2)
+    return fewshot.FewShotData(
+      name="synthetic",
+      pools=images(2 * half),
+      pool_source=np.repeat(np.arange(2, dtype=np.int32), half),
+      source_names=("synthetic0", "synthetic1"),
+      support=images(k),
+      support_names=tuple(f"support/{i}" for i in range(k)),
+      support_from="synthetic",
+      test=images(num_images),
+      test_labels=np.arange(num_images, dtype=np.int32) % 2,
+      test_names=tuple(f"synthetic/{i}" for i in range(num_images)),
+    )
+
+  def init_state(self, config: mlc.ConfigDict) -> api.TrainState:
+    root = jax.random.key(config.seed)
+    tx = optimizer(config)
+
+    @jax.jit
+    def init_trained(key):
+      k_dec, k_l2w = jax.random.split(key)
+      dec, stats, _ = api.init_net(_decoder(config, k_dec), None)
+      l2w, _, _ = api.init_net(LearnToWeight(rngs=nnx.Rngs(k_l2w)), None)
+      params = {"decoder": dec, "l2w": l2w}
+      return params, stats, tx.init(params)
+
+    params, stats, opt = init_trained(jax.random.fold_in(root, 0))
+    kw = teacher_kwargs(config)
+    frozen = teacher.load_teacher(
+      kw,
+      config.model.teacher_weights,
+      jax.random.fold_in(root, 1),
+      method="D²4FAD",
+    )
+    return api.new_state(
+      params=params,
+      batch_stats={"decoder": stats},
+      opt_state={"student": opt},  # decoder + l2w: one Adam
+      frozen={"teacher": {"params": frozen[0], "batch_stats": frozen[1]}},
+      graphdefs={
+        "teacher": teacher.graphdef(kw),
+        "decoder": nnx.graphdef(nnx.eval_shape(lambda: _decoder(config, 0))),
+        "l2w": nnx.graphdef(
+          nnx.eval_shape(lambda: LearnToWeight(rngs=nnx.Rngs(0)))
+        ),
+      },
+    )
+
+  def phases(self, config: mlc.ConfigDict, data) -> list[api.Phase]:
+    b, k = config.train.batch_size, config.data.shots
+    api.check_batches(
+      len(data.pools), b, what="training pools", key="train.batch_size"
+    )
+    start, size = episodes.source_ranges(data.pool_source)
+    draw = functools.partial(
+      episodes.draw,
+      batch_size=b,
+      shots=k,
+      resample=config.data.resample_supports,
+    )
+    step = functools.partial(
+      train_step,
+      tx=optimizer(config),
+      draw=draw,
+      bn_mode=config.model.bn_mode,
+    )
+    return [
+      api.Phase(
+        "d24fad",
+        config.epochs * (len(data.pools) // b),
+        step,
+        batch_size=b,
+        batch_key="train.batch_size",
+        inputs={
+          "pool": data.pools,
+          "pool_source": data.pool_source,
+          "start": start,
+          "size": size,
+          **api.step_keys(config.seed, 1000),
+        },
+      )
+    ]
+
+  def scores(self, config: mlc.ConfigDict) -> tuple[api.Score, ...]:
+    del config
+    return (
+      api.Score(
+        SCORE,
+        "3-scale channel cosine distance of the query's decoded features "
+        "to its learn-to-weight support features, Gaussian-smoothed "
+        "(sigma 4); image score: max of the map",
+      ),
+    )
+
+  def score_context(self, config, model: api.Model, data):
+    """The K supports' decoded features (eval mode), once per evaluation;
+    another `data.shots` or support draw re-scores without retraining."""
+    del config
+
+    @jax.jit
+    def features(model, support):
+      e4 = _encode(model, to_input(support))["layer4"]
+      return forward.support_features(
+        model.params,
+        model.batch_stats["decoder"],
+        e4,
+        decoder_def=model.graphdefs["decoder"],
+      )
+
+    return features(model, jnp.asarray(data.support))
+
+  def score(self, config, model: api.Model, context, images):
+    """Scores uint8 [B, S, S, C] queries against the support features.
+
+    Returns:
+      {"scores": {"d24fad": [B]}, "maps": {"d24fad": [B, S, S]}}.
+    """
+    out = forward.score_queries(
+      model.params,
+      model.batch_stats["decoder"],
+      _encode(model, to_input(images))["layer4"],
+      context,
+      decoder_def=model.graphdefs["decoder"],
+      l2w_def=model.graphdefs["l2w"],
+      size=images.shape[1],
+      sigma=config.score.sigma,
+    )
+    return {
+      "scores": {SCORE: out["image_score"]},
+      "maps": {SCORE: out["smoothed"]},
+    }
+
+
+METHOD = D24FAD()

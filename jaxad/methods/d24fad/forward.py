@@ -180,6 +180,67 @@ def train_loss(
   return losses.total_loss(ssd, tsd), aux
 
 
+def support_features(
+  params: dict, batch_stats: dict, e4_support: Array, *, decoder_def
+) -> Feats:
+  """The supports' eval-mode decoder features, per scale [K, 1, H, W, C].
+
+  Computed once per evaluation (the scoring context): with eval-mode BN a
+  support's features do not depend on the batch it is decoded in, so the
+  original's per-batch re-decoding of the replicated supports is skipped.
+
+  Args:
+    e4_support: [K, h, w, 2048] the teacher's layer4 of the K supports.
+  """
+  feats = nnx.merge(decoder_def, params["decoder"], batch_stats)(
+    e4_support, train=False
+  )
+  return tuple(f[:, None] for f in feats)
+
+
+def score_queries(
+  params: dict,
+  batch_stats: dict,
+  e4_query: Array,
+  support: Feats,
+  *,
+  decoder_def: nnx.GraphDef,
+  l2w_def: nnx.GraphDef,
+  size: int = 128,
+  sigma: float = 4.0,
+) -> dict[str, Array]:
+  """Test-time scoring of test.py `evaluation` (eval-mode BN).
+
+  Args:
+    params, batch_stats, decoder_def, l2w_def: as `train_loss`.
+    e4_query: [B, h, w, 2048].
+    support: per scale [K, 1 or B, H, W, C] decoded support features
+      (`support_features`).
+    size: the image side S of the map.
+    sigma: the Gaussian's standard deviation (scipy defaults otherwise).
+
+  Returns:
+    {"anomaly_map": [B, S, S] unsmoothed, "smoothed": [B, S, S] (per-image
+    blur, see `losses.gaussian_smooth`), "image_score": [B] its max,
+    "attention": per scale [B, K], "query", "weighted": per scale
+    [B, H, W, C]}.
+  """
+  query = nnx.merge(decoder_def, params["decoder"], batch_stats)(
+    e4_query, train=False
+  )
+  weighted, attention = nnx.merge(l2w_def, params["l2w"])(query, support)
+  amap = losses.anomaly_map(query, weighted, size)
+  smoothed = losses.gaussian_smooth(amap, sigma=sigma)
+  return {
+    "anomaly_map": amap,
+    "smoothed": smoothed,
+    "image_score": losses.image_score(smoothed),
+    "attention": tuple(attention),
+    "query": tuple(query),
+    "weighted": tuple(weighted),
+  }
+
+
 def score(
   params: dict,
   batch_stats: dict,
@@ -191,41 +252,20 @@ def score(
   size: int = 128,
   sigma: float = 4.0,
 ) -> dict[str, Array]:
-  """Test-time scoring of test.py `evaluation` (eval-mode BN).
-
-  The original replicates the K supports to the batch size; with eval BN
-  that is redundant, so shared supports may come once ([K, 1, ...]) and are
-  decoded once, in the same call as the queries.
-
-  Args:
-    params, batch_stats, decoder_def, l2w_def: as `train_loss`.
-    e4_query: [B, h, w, 2048].
-    e4_support: [K, B, h, w, 2048] or [K, 1, h, w, 2048] (shared).
-    size: the image side S of the map.
-    sigma: the Gaussian's standard deviation (scipy defaults otherwise).
-
-  Returns:
-    {"anomaly_map": [B, S, S] unsmoothed, "smoothed": [B, S, S] (per-image
-    blur, see `losses.gaussian_smooth`), "image_score": [B] its max,
-    "attention": per scale [B, K], "query", "weighted": per scale
-    [B, H, W, C]}.
-  """
-  b = e4_query.shape[0]
-  k, bs = e4_support.shape[:2]
-  x = jnp.concatenate(
-    [e4_query, e4_support.reshape(k * bs, *e4_support.shape[2:])]
+  """`score_queries` with per-query supports e4_support [K, B, h, w, 2048]
+  (as the original, which replicates the supports to the batch)."""
+  k, b = e4_support.shape[:2]
+  feats = nnx.merge(decoder_def, params["decoder"], batch_stats)(
+    e4_support.reshape(k * b, *e4_support.shape[2:]), train=False
   )
-  feats = nnx.merge(decoder_def, params["decoder"], batch_stats)(x, train=False)
-  query = tuple(f[:b] for f in feats)
-  support = tuple(f[b:].reshape(k, bs, *f.shape[1:]) for f in feats)
-  weighted, attention = nnx.merge(l2w_def, params["l2w"])(query, support)
-  amap = losses.anomaly_map(query, weighted, size)
-  smoothed = losses.gaussian_smooth(amap, sigma=sigma)
-  return {
-    "anomaly_map": amap,
-    "smoothed": smoothed,
-    "image_score": losses.image_score(smoothed),
-    "attention": tuple(attention),
-    "query": query,
-    "weighted": tuple(weighted),
-  }
+  support = tuple(f.reshape(k, b, *f.shape[1:]) for f in feats)
+  return score_queries(
+    params,
+    batch_stats,
+    e4_query,
+    support,
+    decoder_def=decoder_def,
+    l2w_def=l2w_def,
+    size=size,
+    sigma=sigma,
+  )

@@ -1,0 +1,129 @@
+r"""D²4FAD (dual distillation for few-shot anomaly detection; METHODS.md 2).
+
+Cross-dataset few-shot: the decoder and learn-to-weight train on episodes
+from every *source* dataset (a query and K supports of the same dataset);
+the *target* is never trained on and is scored with K support images of
+its own training normals (a fixed `med-kshot` folder when the layout has
+one, else a seeded draw recorded in W/split.json). Paper setting (needs the
+ImageNet teacher, https://download.pytorch.org/models/
+wide_resnet50_2-95faca4d.pth):
+  python -m jaxad.train --config configs/d24fad.py:paper --workdir W \
+      --config.model.teacher_weights=/path/wide_resnet50_2-95faca4d.pth \
+      --config.data.root=/data/medfsad --config.data.target=RSNA \
+      --config.data.shots=4
+Re-scoring the same model with another K (no retraining):
+  python -m jaxad.evaluate --config configs/d24fad.py:paper --workdir W \
+      ... --config.data.shots=8
+
+Config arguments (`configs/d24fad.py:arg1,arg2`): `paper` (70 epochs,
+128 px, batch 16), `offline` (a RANDOM frozen teacher, logged: runnable
+without downloads, not the paper's setting), `smoke` (a 1-block
+ResNet-50-shaped teacher and decoder at 32 px on the real sets in
+../shared/data, random teacher: a quick check; skipped by the tests when
+../shared is absent).
+"""
+
+import os
+
+import ml_collections as mlc
+
+from jaxad import configlib
+
+SHARED_DATA = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"
+)
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  arg = configlib.parse_arg(arg, paper=False, offline=False, smoke=False)
+  c = mlc.ConfigDict()
+  c.method = "d24fad"
+  c.seed = 0  # init of decoder and L2W, episode draws
+  c.epochs = 70  # over the sources' training pool (the paper's)
+
+  c.data = dict(
+    # D²4FAD's layout: ROOT/<dataset>/train/good, ROOT/<dataset>/test/<good|
+    # other>, optional ROOT/med-kshot/<T>/train/shot<K>/good<K>/; every
+    # dataset folder but the target is a source. "" = use `sources` only.
+    root="",
+    # More sources (or the target) in jaxad's other layouts: a list of
+    # {"format", "root", "name", ...} entries (jaxad.data.fewshot).
+    sources=[],
+    target="",  # the dataset scored (never trained on)
+    shots=4,  # K supports per query (training) and for the target (test)
+    # The target's supports: "auto" (a fixed med-kshot folder when there
+    # is one, else a draw), "fixed" or "drawn".
+    support="auto",
+    support_root="",  # another fixed-support root for the target
+    support_seed=0,  # seed of a drawn support set (W/split.json)
+    # A new query/support pairing every epoch; False = drawn once, as the
+    # original (whose shuffle_dataset() is never called).
+    resample_supports=True,
+    # At most this many training normals per source (a seeded subset), for
+    # quick runs; 0 = all of them, as the original.
+    max_source_images=0,
+    image_size=128,
+    channels=3,  # RGB, as the original
+    cache_dir="",  # prepared datasets; "" = $JAXAD_DATA_DIR or ~/.cache/jaxad
+  )
+  c.model = dict(
+    variant="wide_resnet50_2",  # the frozen teacher (torchvision layout)
+    teacher_blocks=(),  # blocks per teacher stage; () = the variant's
+    # The frozen teacher's torchvision checkpoint, or "random" (not the
+    # paper's setting; see `offline`). Empty: training refuses to start.
+    teacher_weights="random" if (arg.offline or arg.smoke) else "",
+    decoder_blocks=(3, 4, 6),  # de-WRN-50-2 stages 1..3
+    width_per_group=128,  # 128: the Wide-ResNet mirror; 64: ResNet-50
+    # BatchNorm of the K+1 slices: "sequential" (the original: one slice
+    # after the other, K+1 running updates), "parallel" (the same maths,
+    # slices side by side), "fast" (one batch for all: not the original).
+    bn_mode="sequential",
+  )
+  c.optim = dict(lr=1e-4, b1=0.5, b2=0.999)  # Adam, no decay/schedule
+  c.train = dict(
+    batch_size=16,  # queries per step (each with K supports)
+    log_every=20,
+    checkpoint_every=200,
+    steps_per_call=1,
+  )
+  c.score = dict(sigma=4.0)  # Gaussian on each map (scipy, truncate 4)
+  c.eval = dict(batch_size=16)
+  c.mesh = dict(data=-1)
+
+  if arg.smoke:
+    c.epochs = 1
+    c.data.update(
+      image_size=32,
+      shots=2,
+      max_source_images=96,
+      target="pneumoniamnist",
+      sources=[
+        dict(
+          format="medmnist",
+          root=os.path.join(
+            SHARED_DATA, "pneumoniamnist_balanced_28", "pneumoniamnist.npz"
+          ),
+          name="pneumoniamnist",
+        ),
+        dict(
+          format="mtd",
+          root=os.path.join(SHARED_DATA, "magnetic_tile_defects"),
+          name="mtd",
+        ),
+        dict(
+          format="folders",
+          root=os.path.join(SHARED_DATA, "isic2017_256"),
+          name="isic2017",
+          normal_class="nevus",
+        ),
+      ],
+    )
+    c.model.update(
+      variant="resnet50",
+      teacher_blocks=(1, 1, 1, 1),
+      decoder_blocks=(1, 1, 1),
+      width_per_group=64,
+    )
+    c.train.update(batch_size=8, log_every=5)
+    c.eval.batch_size = 32
+  return c

@@ -1,0 +1,425 @@
+"""Host arrays for D²4FAD's few-shot cross-dataset setting (METHODS.md §2).
+
+Leave-one-dataset-out (§2.1, §2.4): of the datasets listed in the config,
+one is the target; the training pool is the training normals of every
+*other* one (the source id of each image kept), and the target gives the
+test split (all of it: nothing is dropped, unlike the original's
+`drop_last` test loader, §2.10 bug 3) and the K-shot support set.
+
+Config (`data`):
+  sources: entries, each a dict or a "key=value,key=value" string:
+    format: `d24fad` (one dataset folder of the D²4FAD layout, see
+      `d24fad_layout`) or a one-class layout of `layouts.build`
+      (`folders`, `medmnist`, `mvtec`, `bmad`, `mtd`, `medad`);
+    root: the dataset folder (medmnist: the .npz);
+    name: defaults to the basename of root (medmnist: without `.npz`;
+      mvtec: `-<category>` appended);
+    support_root: the folder of fixed supports `<name>/train/shot<K>/
+      good<K>/*`; defaults, for `d24fad`, to ROOT/med-kshot beside root;
+    and the layout's own keys (LAYOUT_KEYS), e.g. normal_class.
+  root: optional D²4FAD ROOT; each ROOT/<dataset>/ with train/good/
+    becomes a `d24fad` entry, before those of `sources`.
+  target: the name of the target entry. support_root: overrides the
+    target entry's (a top-level key: changing it alone re-scores).
+  shots: K. support: "auto" (the fixed folder when it exists, else a
+    draw), "fixed" or "drawn". support_seed: seed of a drawn support.
+  image_size (128), channels (3), cache_dir, split_seed: shared by all.
+  max_source_images: at most this many training normals per source (a
+    seeded subset, for quick runs); 0 (default) = all, as the original.
+
+Each entry is loaded by its layout with no unlabeled pool
+(`unlabeled_size=0`), prepared and cached by the tfds builder like any
+one-class dataset (a source without its test split); the splits a layout
+draws (folders, medmnist, mtd) are kept in W/sources/<name>/split.json.
+A drawn support is K of the target's training normals, never test
+images, recorded in W/split.json as
+{"params": {"format": "fewshot"}, "support": {target: {"<K>": {"<seed>":
+[names]}}}}: the same (target, K, seed) re-uses its record, and another K
+or seed adds one (the support is an input, not a weight, so re-scoring
+with other shots needs no retraining). Draws are nested: K supports are
+the first K of one seeded permutation, so 2 ⊂ 4 ⊂ 8 for a seed.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import hashlib
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from jaxad.data import d24fad_layout, layouts, manifest
+
+DataError = manifest.DataError
+LAYOUT_KEYS = {
+  "d24fad": (),
+  "folders": ("normal_class", "split_seed"),
+  "medmnist": ("normal_label", "split_seed"),
+  "mvtec": ("category",),
+  "bmad": (),
+  "mtd": ("test_normal_fraction", "split_seed"),
+  "medad": (),
+}
+FORMATS = tuple(LAYOUT_KEYS)
+COMMON_KEYS = ("format", "root", "name", "support_root")
+SUPPORT_MODES = ("auto", "fixed", "drawn")
+# Entry values given as strings ("key=value") that are not strings.
+_TYPES = {"split_seed": int, "normal_label": int, "test_normal_fraction": float}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One dataset entry: its name, format, the data config its layout reads
+  (entry keys + shared keys + unlabeled_size=0) and its support root."""
+
+  name: str
+  format: str
+  data: ml_collections.ConfigDict
+  support_root: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShotData:
+  """uint8 images of one leave-one-dataset-out run (satisfies EvalData).
+
+  Attributes:
+    name: the target's name.
+    pools: [N, S, S, C] uint8 training normals of the sources, grouped by
+      source in entry order (`episodes.source_ranges` relies on it).
+    pool_source: [N] int32 source id (index into source_names), sorted.
+    source_names: the source names, in id order.
+    support: [K, S, S, C] uint8 normal support images of the target.
+    support_names: their names (drawn: the target's names for them;
+      fixed: relative to the support root).
+    support_from: how the support was chosen, for logs and reports.
+    test: [NT, S, S, C] uint8 target test images, normals first.
+    test_labels: [NT] int32, 0 normal, 1 abnormal.
+    test_names: the NT test image names, in order.
+    test_masks: [NT, S, S] uint8 in {0, 1} for targets with masks, else
+      None.
+  """
+
+  name: str
+  pools: np.ndarray
+  pool_source: np.ndarray
+  source_names: tuple[str, ...]
+  support: np.ndarray
+  support_names: tuple[str, ...]
+  support_from: str
+  test: np.ndarray
+  test_labels: np.ndarray
+  test_names: tuple[str, ...]
+  test_masks: np.ndarray | None = None
+
+
+def _as_dict(entry: Any, where: str) -> dict[str, Any]:
+  """An entry (mapping or "k=v,k=v" string) as a dict without None values."""
+  if isinstance(entry, str):
+    out = {}
+    for item in entry.split(","):
+      key, sep, value = item.partition("=")
+      if not sep:
+        raise DataError(
+          f"{where}: {item!r} is not key=value (an entry is a dict or a"
+          " 'format=...,root=...' string)"
+        )
+      key, value = key.strip(), value.strip()
+      try:
+        out[key] = _TYPES.get(key, str)(value)
+      except ValueError:
+        raise DataError(f"{where}: {key}={value!r} is not a number") from None
+    return out
+  if hasattr(entry, "to_dict"):  # ml_collections.ConfigDict
+    entry = entry.to_dict()
+  if not isinstance(entry, collections.abc.Mapping):
+    raise DataError(f"{where}: expected a dict or a string, got {entry!r}")
+  return {str(k): v for k, v in entry.items() if v is not None}
+
+
+def _source(entry: dict[str, Any], where: str, shared: dict) -> Source:
+  """Checks one entry's keys (no disk access) and builds its data config."""
+  fmt = entry.get("format", "")
+  if fmt not in LAYOUT_KEYS:
+    raise DataError(f"{where}: unknown format {fmt!r}; valid: {list(FORMATS)}")
+  allowed = COMMON_KEYS + LAYOUT_KEYS[fmt]
+  unknown = sorted(set(entry) - set(allowed))
+  if unknown:
+    raise DataError(
+      f"{where}: unknown key(s) {unknown} for format {fmt!r}; valid keys:"
+      f" {list(allowed)} (image_size, channels, cache_dir and split_seed"
+      " are shared: set them on data)"
+    )
+  if not entry.get("root"):
+    raise DataError(f"{where}: 'root' is empty")
+  root = os.path.abspath(os.path.expanduser(str(entry["root"])))
+  name = str(entry.get("name") or os.path.basename(root))
+  if "name" not in entry and fmt == "medmnist" and name.endswith(".npz"):
+    name = name[: -len(".npz")]
+  if "name" not in entry and entry.get("category"):
+    name += f"-{entry['category']}"
+  if not name or name.startswith(".") or "/" in name or "\\" in name:
+    raise DataError(f"{where}: invalid name {name!r} (a folder name)")
+  support_root = str(entry.get("support_root") or "")
+  if support_root:
+    support_root = os.path.abspath(os.path.expanduser(support_root))
+  elif fmt == d24fad_layout.FORMAT:
+    kshot = os.path.join(os.path.dirname(root), d24fad_layout.KSHOT)
+    support_root = kshot if os.path.isdir(kshot) else ""
+  layout = {k: entry[k] for k in LAYOUT_KEYS[fmt] if k in entry}
+  data = dict(shared, format=fmt, root=root, unlabeled_size=0, **layout)
+  return Source(name, fmt, ml_collections.ConfigDict(data), support_root)
+
+
+def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
+  """Parses and checks the few-shot data config; reads no image.
+
+  Args:
+    data: the `data` config (see the module docstring).
+
+  Returns:
+    (every entry, in order, the target's index).
+
+  Raises:
+    DataError: an unknown format, key, target or support mode, a bad name,
+      an entry listed twice (same name, or same format, root and
+      category), no source, or shots < 1; each names the entry or key.
+    FileNotFoundError: a missing data.root.
+  """
+  shared = {
+    "image_size": int(manifest.get(data, "image_size", 128)),
+    "channels": int(manifest.get(data, "channels", 3)),
+    "cache_dir": str(manifest.get(data, "cache_dir", "")),
+    "split_seed": int(manifest.get(data, "split_seed", 0)),
+  }
+  manifest.channels(ml_collections.ConfigDict(shared))
+  entries = []
+  root = str(manifest.get(data, "root", ""))
+  if root:
+    root = os.path.abspath(os.path.expanduser(root))
+    for d in d24fad_layout.datasets(root):
+      entries.append(
+        _source(
+          {"format": "d24fad", "root": os.path.join(root, d)},
+          f"data.root {root}: {d}",
+          shared,
+        )
+      )
+  for i, entry in enumerate(manifest.get(data, "sources", ()) or ()):
+    where = f"data.sources[{i}]"
+    entries.append(_source(_as_dict(entry, where), where, shared))
+  seen: dict[Any, str] = {}
+  for e in entries:
+    for key in (e.name, (e.format, e.data.root, e.data.get("category"))):
+      if key in seen:
+        raise DataError(
+          f"Dataset {e.name!r} ({e.format} {e.data.root}) is listed twice"
+          f" (also as {seen[key]!r}); each dataset is one entry of"
+          " data.sources (the target too)"
+        )
+      seen[key] = e.name
+  names = [e.name for e in entries]
+  target = str(manifest.get(data, "target", ""))
+  if target not in names:
+    raise DataError(f"data.target={target!r} is not an entry; names: {names}")
+  if len(entries) < 2:
+    raise DataError(
+      f"No source dataset: data.sources lists only the target {target!r}"
+    )
+  shots = int(manifest.get(data, "shots", 0))
+  if shots < 1:
+    raise DataError(f"data.shots must be >= 1, got {shots}")
+  mode = str(manifest.get(data, "support", "auto"))
+  if mode not in SUPPORT_MODES:
+    raise DataError(f"data.support={mode!r}; valid: {list(SUPPORT_MODES)}")
+  t = names.index(target)
+  support_root = str(manifest.get(data, "support_root", ""))
+  if support_root:  # top-level, so that changing it alone can re-score
+    support_root = os.path.abspath(os.path.expanduser(support_root))
+    entries[t] = dataclasses.replace(entries[t], support_root=support_root)
+  return tuple(entries), t
+
+
+def _manifest(src: Source, workdir: str, is_target: bool):
+  """The entry's manifest; its own drawn split goes to W/sources/<name>/.
+
+  A source keeps only its training normals: its test images (and masks)
+  are never used, so they are not decoded (nor their masks checked).
+  """
+  sub = os.path.join(workdir, "sources", src.name)
+  if src.format != d24fad_layout.FORMAT:
+    m = layouts.build(src.data, sub)
+  else:
+    m = d24fad_layout.d24fad(src.data, sub, need_test=is_target)
+    m = dataclasses.replace(m, channels=manifest.channels(src.data))
+  if is_target:
+    return m
+  parts = {**m.parts, "unlabeled": (), "test": ()}
+  return dataclasses.replace(m, parts=parts, has_masks=False)
+
+
+def _warn_if_small(name: str, m: manifest.Manifest, size: int) -> None:
+  """Warns when a dataset's first training normal is upsampled."""
+  if not m.parts["normal"]:
+    return
+  entry = m.parts["normal"][0]
+  try:
+    if callable(entry.source):
+      h, w = np.asarray(entry.source()).shape[:2]
+    else:
+      with Image.open(entry.source) as image:  # the header only
+        w, h = image.size
+  except (OSError, ValueError):
+    return  # decoding reports it, naming the file
+  if min(h, w) < size:
+    logging.warning(f"{name}: {entry.name} is {w}x{h}, upsampled to {size}")
+
+
+def _support(target, m, shots, mode, seed, workdir):
+  """(how, names, fixed entries or None) of the target's support set."""
+  folder = d24fad_layout.kshot_folder(target.support_root, target.name, shots)
+  fixed = None
+  if mode != "drawn":
+    fixed = d24fad_layout.fixed_support(target.support_root, target.name, shots)
+  if fixed is None and mode == "fixed":
+    raise FileNotFoundError(
+      f"data.support='fixed' but {target.name!r} has no support folder"
+      f" {folder if target.support_root else '(support_root is unset)'}"
+      f" for data.shots={shots}"
+    )
+  if fixed is not None:
+    return f"fixed: {folder}", [e.name for e in fixed], fixed
+  if mode == "auto" and target.support_root:  # a support root without K
+    logging.warning("%s not found: drawing the supports", folder)
+  normals = [e.name for e in m.parts["normal"]]
+  if len(normals) < shots:
+    raise DataError(
+      f"Target {target.name!r} ({target.data.root}) has {len(normals)}"
+      f" training normals, fewer than data.shots={shots} supports to draw"
+    )
+  names = d24fad_layout.record_support(
+    workdir, target.name, normals, shots, seed
+  )
+  return f"drawn: seed {seed} of {len(normals)} training normals", names, None
+
+
+def load(data: Any, workdir: str) -> FewShotData:
+  """Checks, prepares (once, cached) and reads a leave-one-out run's data.
+
+  Args:
+    data: the `data` config (see the module docstring).
+    workdir: the run's directory (split.json, sources/<name>/split.json).
+
+  Returns:
+    The sources' training pools, the target's support and test split.
+
+  Raises:
+    DataError / FileNotFoundError, naming the key, file or folder, before
+    any image is decoded: see `check_config`, plus a missing folder, a
+    source with fewer than 2 training normals (a query needs another
+    image of its source), a target test split without both labels, a
+    fixed support folder without exactly K images, a target with fewer
+    than K training normals for a draw, a changed support record.
+  """
+  from jaxad.data import builder as builder_lib  # tfds: only to prepare
+
+  entries, t = check_config(data)
+  target = entries[t]
+  shots = int(manifest.get(data, "shots", 0))
+  size = int(target.data.image_size)
+  manifests = [_manifest(e, workdir, i == t) for i, e in enumerate(entries)]
+  for i, (e, m) in enumerate(zip(entries, manifests, strict=True)):
+    if i != t and len(m.parts["normal"]) < 2:
+      raise DataError(
+        f"Source {e.name!r} ({e.data.root}) has {len(m.parts['normal'])}"
+        " training normals; a source needs at least 2"
+      )
+    _warn_if_small(e.name, m, size)
+  labels = {x.label for x in manifests[t].parts["test"]}
+  if labels != {0, 1}:
+    raise DataError(
+      f"Target {target.name!r} ({target.data.root}): the test split must"
+      f" hold normals and abnormals; labels found: {sorted(labels)}"
+    )
+  how, support_names, fixed = _support(
+    target,
+    manifests[t],
+    shots,
+    str(manifest.get(data, "support", "auto")),
+    int(manifest.get(data, "support_seed", 0)),
+    workdir,
+  )
+  # Everything is checked: decode (or re-use the cache).
+  cache = target.data.cache_dir
+  builders = [builder_lib.prepare(m, cache) for m in manifests]
+  cap = int(manifest.get(data, "max_source_images", 0))
+  seed = int(manifest.get(data, "split_seed", 0))
+  pools, ids = [], []
+  for i, b in enumerate(builders):
+    if i != t:
+      images = builder_lib.read_split(b, "normal")["image"]
+      if 0 < cap < len(images):  # a seeded subset, in manifest order
+        rng = np.random.default_rng([seed, i])
+        images = images[np.sort(rng.permutation(len(images))[:cap])]
+      pools.append(images)
+      ids.append(np.full(len(pools[-1]), len(ids), np.int32))
+  test = builder_lib.read_split(builders[t], "test")
+  if fixed is not None:
+    c = manifests[t].channels
+    support = np.stack([manifest.decode(e, size, c) for e in fixed])
+  else:
+    # Only the K records: records are stored at their manifest position.
+    index = {e.name: i for i, e in enumerate(manifests[t].parts["normal"])}
+    want = [index[n] for n in support_names]
+    source = builder_lib.split_source(builders[t], "normal")
+    records = source.__getitems__(want)
+    if [int(r["index"]) for r in records] != want:
+      raise DataError(f"Corrupt cache {builders[t].data_dir}: delete it")
+    support = np.stack([r["image"] for r in records])
+  # A support identical to a test image (a duplicate across splits) would
+  # score that test image against itself.
+  hashes = {
+    hashlib.sha1(x.tobytes()).digest(): n
+    for x, n in zip(test["image"], test["name"], strict=True)
+  }
+  for x, n in zip(support, support_names, strict=True):
+    if (hit := hashes.get(hashlib.sha1(x.tobytes()).digest())) is not None:
+      logging.warning(
+        "Support image %s of %s is identical to test image %s",
+        n,
+        target.name,
+        hit,
+      )
+  out = FewShotData(
+    name=target.name,
+    pools=np.concatenate(pools),
+    pool_source=np.concatenate(ids),
+    source_names=tuple(e.name for i, e in enumerate(entries) if i != t),
+    support=support,
+    support_names=tuple(support_names),
+    support_from=how,
+    test=test["image"],
+    test_labels=test["label"],
+    test_names=test["name"],
+    test_masks=test["mask"],
+  )
+  logging.info(
+    "Few-shot data: sources %s (pool %d, images %s); target %s: %d supports"
+    " (%s), test %d (%d abnormal), %s",
+    ", ".join(
+      f"{n} {len(p)}" for n, p in zip(out.source_names, pools, strict=True)
+    ),
+    len(out.pools),
+    out.pools.shape[1:],
+    out.name,
+    len(out.support),
+    how,
+    len(out.test),
+    int(out.test_labels.sum()),
+    "with masks" if out.test_masks is not None else "no masks",
+  )
+  return out

@@ -1,0 +1,77 @@
+"""Tests of D²4FAD's episodes and its method object (the model maths are
+golden-checked in d24fad_golden_test.py; end to end: conformance_test)."""
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+from configs import d24fad as d24fad_config
+from jaxad.methods import d24fad
+from jaxad.methods.d24fad import episodes
+
+
+def draw(step, *, resample=True, shots=3, seed=0):
+  source = np.array([0] * 5 + [1] * 2 + [2] * 9, np.int32)
+  start, size = episodes.source_ranges(source)
+  return source, jax.jit(
+    lambda s: episodes.draw(
+      s,
+      pool_source=source,
+      start=start,
+      size=size,
+      data_key=jax.random.key(seed),
+      noise_key=jax.random.key(seed + 1),
+      batch_size=4,
+      shots=shots,
+      resample=resample,
+    )
+  )(step)
+
+
+class EpisodeTest(absltest.TestCase):
+  def test_supports_come_from_the_query_source_and_never_the_query(self):
+    for step in range(8):
+      source, (queries, supports) = draw(step)
+      self.assertEqual(supports.shape, (3, 4))
+      queries, supports = np.asarray(queries), np.asarray(supports)
+      for b, q in enumerate(queries):
+        self.assertTrue(np.all(source[supports[:, b]] == source[q]))
+        self.assertNotIn(q, supports[:, b])
+
+  def test_every_query_once_per_epoch_and_seeded(self):
+    # 16 images, batch 4: 4 steps per epoch, each image queried once.
+    qs = np.concatenate([np.asarray(draw(s)[1][0]) for s in range(4)])
+    self.assertEqual(sorted(qs), list(range(16)))
+    a, b = draw(2)[1], draw(2)[1]
+    np.testing.assert_array_equal(a[1], b[1])
+    self.assertFalse(np.array_equal(draw(2, seed=5)[1][1], a[1]))
+
+  def test_pairing_frozen_or_redrawn_each_epoch(self):
+    def pairing(epoch, resample):
+      out = {}
+      for s in range(4 * epoch, 4 * epoch + 4):
+        q, sup = (np.asarray(x) for x in draw(s, resample=resample)[1])
+        out |= {int(qi): tuple(sup[:, i]) for i, qi in enumerate(q)}
+      return out
+
+    self.assertEqual(pairing(0, False), pairing(1, False))
+    self.assertNotEqual(pairing(0, True), pairing(1, True))
+
+  def test_a_source_with_one_image_is_refused(self):
+    with self.assertRaisesRegex(ValueError, ">= 2 training normals"):
+      episodes.source_ranges(np.array([0, 1, 1]))
+
+
+class MethodTest(absltest.TestCase):
+  def test_config_checks(self):
+    config = d24fad_config.get_config()
+    with self.assertRaisesRegex(ValueError, "wide_resnet50_2-95faca4d.pth"):
+      d24fad.METHOD.check_config(config)
+    config = d24fad_config.get_config("offline")
+    config.model.bn_mode = "batched"
+    with self.assertRaisesRegex(ValueError, "bn_mode"):
+      d24fad.METHOD.check_config(config)
+
+
+if __name__ == "__main__":
+  absltest.main()
