@@ -2,12 +2,13 @@
 golden-checked in d24fad_golden_test.py; end to end: conformance_test)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
 from configs import d24fad as d24fad_config
 from jaxad.methods import d24fad
-from jaxad.methods.d24fad import episodes
+from jaxad.methods.d24fad import episodes, losses
 
 
 def draw(step, *, resample=True, shots=3, seed=0):
@@ -71,6 +72,41 @@ class MethodTest(absltest.TestCase):
     config.model.bn_mode = "batched"
     with self.assertRaisesRegex(ValueError, "bn_mode"):
       d24fad.METHOD.check_config(config)
+
+
+class LossesTest(absltest.TestCase):
+  def test_flat_cosine(self):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 4)))
+    np.testing.assert_allclose(losses.flat_cosine_distance(x, x), 0, atol=1e-6)
+    np.testing.assert_allclose(losses.flat_cosine_distance(x, -x), 2, atol=1e-6)
+    np.testing.assert_allclose(
+      losses.total_loss(jnp.float32(1.0), jnp.float32(2.0)), 1.2, rtol=1e-6
+    )
+    self.assertEqual(losses.anomaly_map([x], [x], 8).shape, (2, 8, 8))
+    np.testing.assert_allclose(losses.anomaly_map([x], [x], 8), 0, atol=1e-6)
+
+  def test_resize_align_corners_against_scipy(self):
+    from scipy import ndimage
+
+    m = np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)
+    out = np.asarray(losses.resize_align_corners(jnp.asarray(m), 13))
+    # scipy's zoom (order 1, grid_mode=False) also maps corners to corners.
+    ref = np.stack([ndimage.zoom(x, (13 / 4, 13 / 8), order=1) for x in m])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 0, 0], m[:, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(out[:, -1, -1], m[:, -1, -1], rtol=1e-6)
+
+  def test_gaussian_against_scipy(self):
+    from scipy import ndimage
+
+    m = np.random.default_rng(0).uniform(size=(2, 20, 40)).astype(np.float32)
+    out = np.asarray(losses.gaussian_smooth(jnp.asarray(m), sigma=4.0))
+    # Per image (the original blurs across the batch too: a bug).
+    ref = np.stack([ndimage.gaussian_filter(x, sigma=4) for x in m])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      losses.image_score(jnp.asarray(ref)), ref.max(axis=(1, 2)), rtol=1e-6
+    )
 
 
 if __name__ == "__main__":

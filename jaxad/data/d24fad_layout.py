@@ -28,7 +28,6 @@ recorded in `WORKDIR/split.json` (`record_support`).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -232,13 +231,10 @@ def record_support(
       record lists a name that is no training normal of the target.
   """
   path = os.path.join(workdir, splits.SPLIT_FILE)
-  split: dict[str, Any] = {"params": {"format": "fewshot"}, "support": {}}
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        split = json.load(f)
-    except (OSError, ValueError) as e:
-      raise manifest.DataError(f"Cannot read {path}: {e}") from e
+  split = splits.read_json(path)
+  if split is None:
+    split = {"params": {"format": "fewshot"}, "support": {}}
+  else:
     ok = isinstance(split, dict) and isinstance(split.get("support"), dict)
     if not ok or split.get("params") != {"format": "fewshot"}:
       raise manifest.DataError(

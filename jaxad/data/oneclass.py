@@ -104,3 +104,30 @@ def load(data: Any, workdir: str) -> OneClassData:
     "with masks" if out.test_masks is not None else "no masks",
   )
   return out
+
+
+def synthetic(data: Any, num_images: int) -> OneClassData:
+  """Seeded random data shaped like the `data` config's (for jaxad.bench).
+
+  Returns:
+    Known normals and test images [num_images, S, S, C] uint8 (S =
+    data.image_size, C = data.channels or 1), an unlabeled pool of
+    data.unlabeled_size, test labels alternating 0/1.
+  """
+  rng = np.random.default_rng(0)
+  size = data.image_size
+  shape = (size, size, manifest_lib.get(data, "channels", 1))
+  unlabeled = manifest_lib.get(data, "unlabeled_size", 0)
+
+  def images(n):
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+
+  return OneClassData(
+    name="synthetic",
+    normal=images(num_images),
+    unlabeled=images(unlabeled),
+    unlabeled_labels=np.zeros(unlabeled, np.int32),
+    test=images(num_images),
+    test_labels=np.arange(num_images, dtype=np.int32) % 2,
+    test_names=tuple(f"synthetic/{i}" for i in range(num_images)),
+  )

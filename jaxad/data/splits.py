@@ -157,12 +157,8 @@ def resolve(
       parameters.
   """
   path = os.path.join(workdir, SPLIT_FILE)
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        split = json.load(f)
-    except (OSError, ValueError) as e:
-      raise manifest.DataError(f"Cannot read {path}: {e}") from e
+  split = read_json(path)
+  if split is not None:
     if not isinstance(split, dict) or "params" not in split:
       raise manifest.DataError(f"{path}: missing key 'params'")
     old = split["params"]
@@ -188,6 +184,21 @@ def resolve(
     "Drew a one-class split (seed %s), wrote %s", params.get("split_seed"), path
   )
   return split
+
+
+def read_json(path: str) -> Any:
+  """The JSON record at `path`, or None if there is no file.
+
+  Raises:
+    DataError: the file cannot be read or parsed, naming it.
+  """
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise manifest.DataError(f"Cannot read {path}: {e}") from e
 
 
 def write_json(path: str, record: dict) -> None:

@@ -431,25 +431,7 @@ class Defaults:
     return None
 
   def synthetic_data(self, config: Config, num_images: int) -> EvalData:
-    """Random one-class data (seeded) shaped like the config's: known
-    normals and test images [num_images, S, S, C] uint8, an unlabeled pool
-    of `data.unlabeled_size`."""
+    """Seeded random one-class data (`jaxad.data.oneclass.synthetic`)."""
     from jaxad.data import oneclass
 
-    rng = np.random.default_rng(0)
-    size = config.data.image_size
-    shape = (size, size, config.data.get("channels", 1))
-    unlabeled = config.data.get("unlabeled_size", 0)
-
-    def images(n):
-      return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-
-    return oneclass.OneClassData(
-      name="synthetic",
-      normal=images(num_images),
-      unlabeled=images(unlabeled),
-      unlabeled_labels=np.zeros(unlabeled, np.int32),
-      test=images(num_images),
-      test_labels=np.arange(num_images, dtype=np.int32) % 2,
-      test_names=tuple(f"synthetic/{i}" for i in range(num_images)),
-    )
+    return oneclass.synthetic(config.data, num_images)

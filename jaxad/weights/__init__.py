@@ -330,3 +330,19 @@ def read_torch_legacy(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return _state_dict(
     _materialise(obj, lambda key, dtype: data[key], path), path
   )
+
+
+MAX_LISTED = 12  # conversion errors listed in one message
+
+
+def raise_if_errors(errors: list[str], what: str) -> None:
+  """Raises ValueError listing (at most MAX_LISTED of) a converter's
+  `errors`, e.g. unmapped keys and mismatched shapes, naming `what` ("the
+  torchvision state dict")."""
+  if errors:
+    more = len(errors) - MAX_LISTED
+    raise ValueError(
+      f"{what} does not fit the model ({len(errors)} problems):\n  "
+      + "\n  ".join(errors[:MAX_LISTED])
+      + (f"\n  ... and {more} more" if more > 0 else "")
+    )

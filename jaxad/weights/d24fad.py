@@ -44,7 +44,6 @@ _BN = {
   "mean": "running_mean",
   "var": "running_var",
 }
-_MAX_LISTED = 12  # errors listed in one message
 
 
 def _model(model_or_config, cls):
@@ -122,14 +121,7 @@ def _convert(state_dict, model, what: str) -> tuple[dict, dict]:
         f"Flax leaf {collection}/{'/'.join(map(str, path))} "
         f"{tuple(leaf.shape)} has no checkpoint value (expected key {key})"
       )
-  if errors:
-    more = len(errors) - _MAX_LISTED
-    raise ValueError(
-      f"D²4FAD {what} state dict does not fit the model ({len(errors)} "
-      "problems):\n  "
-      + "\n  ".join(errors[:_MAX_LISTED])
-      + (f"\n  ... and {more} more" if more > 0 else "")
-    )
+  weights.raise_if_errors(errors, f"D²4FAD {what} state dict")
   return tuple(
     traverse_util.unflatten_dict(filled[c]) if filled[c] else {} for c in trees
   )

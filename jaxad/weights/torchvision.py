@@ -47,7 +47,6 @@ _BN = {
   ("batch_stats", "var"): "running_var",
 }
 _STAGE = re.compile(r"layer(\d+)\.")
-_MAX_LISTED = 12  # errors listed in one message
 
 
 def _flatten(tree, prefix=()) -> dict[tuple, Any]:
@@ -186,14 +185,7 @@ def convert(
       f"Flax leaf {collection}/{'/'.join(map(str, path))} "
       f"{tuple(leaf.shape)} has no checkpoint value (expected key {key})"
     )
-  if errors:
-    more = len(errors) - _MAX_LISTED
-    raise ValueError(
-      f"torchvision state dict does not fit the model ({len(errors)} "
-      "problems):\n  "
-      + "\n  ".join(errors[:_MAX_LISTED])
-      + (f"\n  ... and {more} more" if more > 0 else "")
-    )
+  weights.raise_if_errors(errors, "torchvision state dict")
   for what, n in sorted(skipped.items()):
     logging.info("torchvision checkpoint: ignored %d %s entries", n, what)
   out = []
