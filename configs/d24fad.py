@@ -17,9 +17,12 @@ Re-scoring the same model with another K (no retraining):
 
 Config arguments (`configs/d24fad.py:arg1,arg2`): `paper` (70 epochs,
 128 px, batch 16), `offline` (a RANDOM frozen teacher, logged: runnable
-without downloads, not the paper's setting), `smoke` (a 1-block
-ResNet-50-shaped teacher and decoder at 32 px on the real sets in
-../shared/data, random teacher: a quick check; skipped by the tests when
+without downloads, not the paper's setting), `shared` (the four real
+sets of ../shared/data as entries, target pneumoniamnist by default,
+kermany excluded as its origin; pick another with
+`--config.data.target=... --config.data.exclude_sources=...`), `smoke`
+(a 1-block ResNet-50-shaped teacher and decoder at 32 px on three of
+those sets, random teacher: a quick check; skipped by the tests when
 ../shared is absent).
 """
 
@@ -34,8 +37,34 @@ SHARED_DATA = os.path.join(
 )
 
 
+def _shared_sources(*names: str) -> list[dict]:
+  """`data.sources` entries for the real sets in ../shared/data (DATA.md)."""
+  entries = {
+    "pneumoniamnist": dict(
+      format="medmnist",
+      root=os.path.join(
+        SHARED_DATA, "pneumoniamnist_balanced_28", "pneumoniamnist.npz"
+      ),
+    ),
+    "kermany": dict(
+      format="folders", root=os.path.join(SHARED_DATA, "kermany_cxr_224")
+    ),
+    "mtd": dict(
+      format="mtd", root=os.path.join(SHARED_DATA, "magnetic_tile_defects")
+    ),
+    "isic2017": dict(
+      format="folders",
+      root=os.path.join(SHARED_DATA, "isic2017_256"),
+      normal_class="nevus",
+    ),
+  }
+  return [dict(entries[n], name=n) for n in names]
+
+
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  arg = configlib.parse_arg(arg, paper=False, offline=False, smoke=False)
+  arg = configlib.parse_arg(
+    arg, paper=False, offline=False, smoke=False, shared=False
+  )
   c = mlc.ConfigDict()
   c.method = "d24fad"
   c.seed = 0  # init of decoder and L2W, episode draws
@@ -62,6 +91,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # At most this many training normals per source (a seeded subset), for
     # quick runs; 0 = all of them, as the original.
     max_source_images=0,
+    # Entries not trained on, comma-separated names: a source that shares
+    # an origin with the target would leak it (PneumoniaMNIST is derived
+    # from the Kermany images).
+    exclude_sources="",
     image_size=128,
     channels=3,  # RGB, as the original
     cache_dir="",  # prepared datasets; "" = $JAXAD_DATA_DIR or ~/.cache/jaxad
@@ -92,6 +125,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.eval = dict(batch_size=16)
   c.mesh = dict(data=-1)
 
+  if arg.shared:  # the real sets in ../shared/data, every one an entry
+    c.data.sources = _shared_sources(
+      "pneumoniamnist", "kermany", "mtd", "isic2017"
+    )
+    c.data.target = "pneumoniamnist"
+    c.data.exclude_sources = "kermany"  # PneumoniaMNIST's origin
   if arg.smoke:
     c.epochs = 1
     c.data.update(
@@ -99,26 +138,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       shots=2,
       max_source_images=96,
       target="pneumoniamnist",
-      sources=[
-        dict(
-          format="medmnist",
-          root=os.path.join(
-            SHARED_DATA, "pneumoniamnist_balanced_28", "pneumoniamnist.npz"
-          ),
-          name="pneumoniamnist",
-        ),
-        dict(
-          format="mtd",
-          root=os.path.join(SHARED_DATA, "magnetic_tile_defects"),
-          name="mtd",
-        ),
-        dict(
-          format="folders",
-          root=os.path.join(SHARED_DATA, "isic2017_256"),
-          name="isic2017",
-          normal_class="nevus",
-        ),
-      ],
+      sources=_shared_sources("pneumoniamnist", "mtd", "isic2017"),
+      exclude_sources="",
     )
     c.model.update(
       variant="resnet50",

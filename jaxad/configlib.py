@@ -46,7 +46,7 @@ _RESUMABLE_CHANGES = (
 )
 # Keys added after runs were written without them, with the value that
 # reproduces what those runs did: resuming such a run is allowed.
-_ADDED_KEYS = {"model.compute_dtype": "float32"}
+_ADDED_KEYS = {"model.compute_dtype": "float32", "data.exclude_sources": ""}
 
 
 def check_workdir(

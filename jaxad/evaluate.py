@@ -5,9 +5,11 @@ r"""Scores the test split with a trained state and writes WORKDIR/eval.json.
 restores the latest checkpoint in W (trained by `jaxad.train` with the same
 config) and re-scores without training. Writes:
 * `W/eval.json`: {"dataset", "num_normal", "num_abnormal",
-  "scores": {name: {"auroc", "ap"}}}; for data with pixel masks (mvtec, bmad,
-  mtd) every score also gets "pixel_auroc" and "aupro" (FPR limit 0.3) of
-  its maps, bilinearly resized to the mask size if they differ;
+  "scores": {name: {"auroc", "ap"}}}, plus "f1", "accuracy",
+  "sensitivity", "specificity" at "decision_threshold" for a score with a
+  fixed threshold (`api.Score.threshold`); for data with pixel masks
+  (mvtec, bmad, mtd) every score also gets "pixel_auroc" and "aupro" (FPR
+  limit 0.3) of its maps, bilinearly resized to the mask size if they differ;
 * `W/scores.npz`: per-image scores, labels and names;
 * `W/maps.npz`: the pixel maps of every score, float16 [N, S, S];
 * with --report, `W/report/` (jaxad.report: ROC curves, histograms, map
@@ -138,6 +140,11 @@ def evaluate(
       k: metrics.image_metrics(out["scores"][k], labels) for k in order
     },
   }
+  for s in method.scores(config):
+    if s.threshold is not None:
+      result["scores"][s.name] |= metrics.decision_metrics(
+        out["scores"][s.name], labels, s.threshold
+      )
   if data.test_masks is not None:
     for k, m in out["maps"].items():
       result["scores"][k] |= metrics.pixel_metrics(
@@ -213,6 +220,9 @@ def restore(config: mlc.ConfigDict, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   method = methods.get(config.method)
   method.check_config(config)
+  if not method.trains(config):  # zero-shot / imported: nothing to restore
+    configlib.check_workdir(config, workdir, ("mesh.",), write=False)
+    return method, loop.place(method.init_state(config), mesh).model(), mesh
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(

@@ -1,9 +1,10 @@
 """Host-side evaluation metrics (numpy / scipy / scikit-learn).
 
-Image level: `image_metrics` (AUROC, AP). Pixel level: `pixel_auroc` over all
-pixels of all test images, and `aupro`, the normalised area under the
-per-region-overlap curve of MVTec AD (Bergmann et al., IJCV 2021);
-`pixel_metrics` gives both from one sort.
+Image level: `image_metrics` (AUROC, AP), `decision_metrics` (F1,
+accuracy, sensitivity, specificity at a fixed threshold). Pixel level:
+`pixel_auroc` over all pixels of all test images, and `aupro`, the
+normalised area under the per-region-overlap curve of MVTec AD (Bergmann
+et al., IJCV 2021); `pixel_metrics` gives both from one sort.
 """
 
 import numpy as np
@@ -45,6 +46,47 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   return {
     "auroc": float(skm.roc_auc_score(labels, scores)),
     "ap": float(skm.average_precision_score(labels, scores)),
+  }
+
+
+def decision_metrics(
+  scores: np.ndarray, labels: np.ndarray, threshold: float
+) -> dict[str, float]:
+  """The yes/no decision `score > threshold` against the labels.
+
+  Args:
+    scores: [N] float scores (higher = more anomalous).
+    labels: [N] 0 normal, 1 abnormal.
+    threshold: a score is abnormal when strictly above it (PPAD reports
+      F1 and accuracy at 0.5 on its softmax probabilities, METHODS.md 3.7).
+
+  Returns:
+    {"decision_threshold", "f1" (abnormal = positive), "accuracy", "sensitivity"
+    (abnormal recall), "specificity" (normal recall)}; a class absent from
+    `labels` gives NaN for its recall.
+  """
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels)
+  if scores.shape != labels.shape or scores.ndim != 1:
+    raise ValueError(
+      f"scores {scores.shape} and labels {labels.shape} must "
+      "be matching 1-d arrays"
+    )
+  decided = (scores > threshold).astype(labels.dtype)
+
+  def recall(c: int) -> float:
+    return (
+      float(np.mean(decided[labels == c] == c))
+      if np.any(labels == c)
+      else float("nan")
+    )
+
+  return {
+    "decision_threshold": float(threshold),
+    "f1": float(skm.f1_score(labels, decided, zero_division=0.0)),
+    "accuracy": float(skm.accuracy_score(labels, decided)),
+    "sensitivity": recall(1),
+    "specificity": recall(0),
   }
 
 

@@ -40,13 +40,15 @@ def run(config: mlc.ConfigDict, workdir: str, *, on_step=None) -> dict:
   phases = loop.compile_phases(
     method.phases(config, data), mesh, config.train.steps_per_call
   )
-  if not sum(p.phase.num_steps for p in phases):
+  if method.trains(config) and not sum(p.phase.num_steps for p in phases):
     raise ValueError(
       f"{config.method}: no training steps (config.epochs={config.epochs})"
     )
   state = loop.place(method.init_state(config), mesh)
   evaluate.check_scores(method, config, state.model(), data, mesh)
   configlib.check_workdir(config, workdir, allowed)
+  if not method.trains(config):  # zero-shot / imported: nothing to train
+    return evaluate.evaluate(config, workdir, method, state.model(), data, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     state = loop.train(

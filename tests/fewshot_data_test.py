@@ -137,6 +137,13 @@ class FewShotTest(absltest.TestCase):
     start, size = episodes.source_ranges(ds.pool_source)  # grouped, >= 2
     np.testing.assert_array_equal(size, [4, 3, 4])
 
+  def test_excluded_sources_are_not_trained_on(self):
+    ds = self.load(exclude_sources="A, F")
+    self.assertEqual(ds.source_names, ("B",))
+    self.assertEqual(values(ds.pools), [30, 31, 32])
+    np.testing.assert_array_equal(ds.pool_source, [0, 0, 0])
+    self.assertEqual(self.load(exclude_sources=["B"]).source_names, ("A", "F"))
+
   def test_label_rule_and_hidden_folders(self):
     ds = self.load(target="A")
     # Ungood is abnormal (the original would call it normal); the image in
@@ -265,6 +272,9 @@ class FewShotTest(absltest.TestCase):
     )
     self.assert_refused(err, "only the target", sources=sources[2:3])
     self.assert_refused(err, "shots must be >= 1", shots=0)
+    self.assert_refused(err, "exclude_sources names 'Q'", exclude_sources="Q")
+    self.assert_refused(err, "exclude_sources names 'C'", exclude_sources="C")
+    self.assert_refused(err, "No source dataset left", exclude_sources="A,B,F")
     self.assert_refused(err, "support='any'", support="any")
     self.assert_refused(
       err, "'B'.*3 training normals.*shots=4", target="B", shots=4

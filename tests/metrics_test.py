@@ -72,6 +72,29 @@ def brute_force_aupro(maps, masks, max_fpr):
   return area / max_fpr
 
 
+class DecisionMetricsTest(absltest.TestCase):
+  def test_hand_computed_case(self):
+    # Abnormal when strictly above 0.5: decisions 0, 1, 0, 1, 1.
+    scores = np.array([0.1, 0.9, 0.5, 0.7, 0.6])
+    labels = np.array([0, 0, 1, 1, 1])
+    got = metrics.decision_metrics(scores, labels, 0.5)
+    self.assertEqual(got["decision_threshold"], 0.5)
+    self.assertAlmostEqual(got["accuracy"], 3 / 5)
+    self.assertAlmostEqual(got["sensitivity"], 2 / 3)
+    self.assertAlmostEqual(got["specificity"], 1 / 2)
+    # precision 2/3, recall 2/3
+    self.assertAlmostEqual(got["f1"], 2 / 3)
+
+  def test_one_class_gives_nan_recall(self):
+    got = metrics.decision_metrics(np.array([0.2, 0.8]), np.array([0, 0]), 0.5)
+    self.assertTrue(np.isnan(got["sensitivity"]))
+    self.assertEqual(got["specificity"], 0.5)
+
+  def test_shape_mismatch(self):
+    with self.assertRaisesRegex(ValueError, "matching"):
+      metrics.decision_metrics(np.zeros(3), np.zeros(2), 0.5)
+
+
 class PixelMetricsTest(parameterized.TestCase):
   def test_one_region(self):
     # Region = pixels 0, 1 (scores 0.9, 0.3); normals 0.5, 0.2, 0.1.

@@ -26,6 +26,9 @@ Config (`data`):
   image_size (128), channels (3), cache_dir, split_seed: shared by all.
   max_source_images: at most this many training normals per source (a
     seeded subset, for quick runs); 0 (default) = all, as the original.
+  exclude_sources: entries not trained on (names, or one "a,b" string),
+    e.g. a source that shares an origin with the target (PneumoniaMNIST
+    is derived from the Kermany images): it would leak the target.
 
 Each entry is loaded by its layout with no unlabeled pool
 (`unlabeled_size=0`), prepared and cached by the tfds builder like any
@@ -175,6 +178,13 @@ def _source(entry: dict[str, Any], where: str, shared: dict) -> Source:
   return Source(name, fmt, ml_collections.ConfigDict(data), support_root)
 
 
+def _names(value: Any) -> tuple[str, ...]:
+  """A list of names, or one "a,b" string (handy on a command line)."""
+  if isinstance(value, str):
+    value = value.split(",")
+  return tuple(n.strip() for n in value or () if n.strip())
+
+
 def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
   """Parses and checks the few-shot data config; reads no image.
 
@@ -187,7 +197,8 @@ def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
   Raises:
     DataError: an unknown format, key, target or support mode, a bad name,
       an entry listed twice (same name, or same format, root and
-      category), no source, or shots < 1; each names the entry or key.
+      category), an excluded name that is no source, no source left, or
+      shots < 1; each names the entry or key.
     FileNotFoundError: a missing data.root.
   """
   shared = {
@@ -236,6 +247,19 @@ def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
   mode = str(manifest.get(data, "support", "auto"))
   if mode not in SUPPORT_MODES:
     raise DataError(f"data.support={mode!r}; valid: {list(SUPPORT_MODES)}")
+  excluded = _names(manifest.get(data, "exclude_sources", ()))
+  for name in excluded:
+    if name not in names or name == target:
+      raise DataError(
+        f"data.exclude_sources names {name!r}, which is not a source;"
+        f" sources: {[n for n in names if n != target]}"
+      )
+  entries = [e for e in entries if e.name not in excluded]
+  names = [e.name for e in entries]
+  if len(entries) < 2:
+    raise DataError(
+      f"No source dataset left after data.exclude_sources={list(excluded)}"
+    )
   t = names.index(target)
   support_root = str(manifest.get(data, "support_root", ""))
   if support_root:  # top-level, so that changing it alone can re-score

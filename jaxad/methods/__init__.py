@@ -4,7 +4,7 @@ import importlib
 
 from jaxad.methods import api
 
-NAMES = ("ddad", "multiad", "d24fad")
+NAMES = ("ddad", "multiad", "d24fad", "ppad")
 
 
 def get(name: str) -> api.Method:

@@ -94,10 +94,14 @@ class Score:
 
   `description` is one line for the report and results table, and says how
   the image score is reduced from the map (e.g. "spatial mean").
+  `threshold`: a fixed decision threshold the method's paper reports at
+  (e.g. 0.5 on a probability); eval.json then adds F1, accuracy,
+  sensitivity and specificity there (`metrics.decision_metrics`).
   """
 
   name: str
   description: str
+  threshold: float | None = None
 
 
 ScoreOutput = dict[str, dict[str, Array]]  # {"scores": {..}, "maps": {..}}
@@ -351,11 +355,16 @@ class EvalData(Protocol):
 @runtime_checkable
 class Method(Protocol):
   """A method's `METHOD` object: every member below must exist; `Defaults`
-  implements the optional ones (check_config, resumable_changes,
+  implements the optional ones (check_config, trains, resumable_changes,
   rescoring_changes, load_data, synthetic_data, score_context)."""
 
   def check_config(self, config: Config) -> None:
     """Raises ValueError/FileNotFoundError naming the key; writes nothing."""
+
+  def trains(self, config: Config) -> bool:
+    """False when `init_state` alone is the model scored (a zero-shot
+    baseline, imported weights): `jaxad.train` then only evaluates and
+    `jaxad.evaluate` needs no checkpoint."""
 
   def resumable_changes(self, stored: dict[str, Any]) -> tuple[str, ...]:
     """Config-key prefixes that may differ from a stored run's flattened
@@ -412,6 +421,10 @@ class Defaults:
 
   def check_config(self, config: Config) -> None:
     del config
+
+  def trains(self, config: Config) -> bool:
+    del config
+    return True
 
   def resumable_changes(self, stored: dict[str, Any]) -> tuple[str, ...]:
     del stored

@@ -64,7 +64,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Args:
     path: a `.safetensors` file, or a file written by `torch.save` (zip or
       legacy) holding a state dict (possibly nested under "state_dict" or
-      "model").
+      "model"); other nested dicts become dotted keys ("a.b").
 
   Returns:
     {name: array} in file order; arrays are C-contiguous host numpy arrays
@@ -252,10 +252,18 @@ def _state_dict(obj, path) -> dict[str, np.ndarray]:
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
   out = {}
-  for k, v in obj.items():
-    if not isinstance(v, np.ndarray):
-      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}")
-    out[str(k)] = v
+
+  def add(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):  # e.g. PPAD's {"prompt_learner_ctx": {...}}
+        add(v, f"{prefix}{k}.")
+      elif not isinstance(v, np.ndarray):
+        key = f"{prefix}{k}"
+        raise ValueError(f"{path}: entry {key!r} is a {type(v).__name__}")
+      else:
+        out[f"{prefix}{k}"] = v
+
+  add(obj, "")
   return out
 
 
