@@ -17,10 +17,13 @@ A released PPAD prompt checkpoint, scored without training:
       --config.model.clip_weights=... \
       --config.model.prompts_checkpoint=PPAD_ZhangLab_....pt ...
 
-Config arguments (`configs/ppad.py:arg1,arg2`): `zero_shot` (above),
-`smoke` (the TINY random CLIP of ../shared/golden at 64 px, 16 shots, 3
-steps, on ../shared/data's Kermany set: a quick check; its AUROC means
-nothing; skipped by the tests when ../shared is absent).
+Config arguments (`configs/ppad.py:arg1,arg2`): `paper` (the default:
+the paper's 64 shots, 100 steps, 224 px), `zero_shot` (above), `offline`
+(a RANDOM ViT-B/32-sized CLIP, logged: runnable without downloads, e.g.
+for `jaxad.bench`; not the paper's setting and not its results), `smoke`
+(the TINY random CLIP of ../shared/golden at 64 px, 16 shots, 3 steps, on
+../shared/data's Kermany set: a quick check whose AUROC means nothing;
+skipped by the tests when ../shared is absent).
 """
 
 import os
@@ -35,7 +38,9 @@ SHARED = os.path.join(
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  arg = configlib.parse_arg(arg, zero_shot=False, smoke=False)
+  arg = configlib.parse_arg(
+    arg, paper=False, zero_shot=False, offline=False, smoke=False
+  )
   c = mlc.ConfigDict()
   c.method = "ppad"
   c.seed = 0  # prompt init, region and SAS draws
@@ -58,8 +63,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model = dict(
     mode="zero_shot" if arg.zero_shot else "ppad",  # ppad | zero_shot
     # The frozen CLIP: a state dict in OpenAI's key layout (.pt or
-    # .safetensors). Empty: training refuses to start and names CheXzero.
-    clip_weights="",
+    # .safetensors), or "random" (a seeded random CLIP of clip_arch: not
+    # the paper's setting, logged). Empty: refused, naming CheXzero.
+    clip_weights="random" if arg.offline else "",
+    clip_arch="ViT-B/32",  # for "random": ViT-B/32 | ViT-B/16 | ViT-L/14
     # Round the projections to fp16 as OpenAI's build_model does, so the
     # float32 towers compute with the original's exact weights.
     clip_fp16_round=True,

@@ -221,7 +221,8 @@ def restore(config: mlc.ConfigDict, workdir: str):
   method = methods.get(config.method)
   method.check_config(config)
   if not method.trains(config):  # zero-shot / imported: nothing to restore
-    configlib.check_workdir(config, workdir, ("mesh.",), write=False)
+    allowed = method.rescoring_changes() + ("mesh.",)
+    configlib.check_workdir(config, workdir, allowed, write=False)
     return method, loop.place(method.init_state(config), mesh).model(), mesh
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):

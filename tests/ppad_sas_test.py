@@ -189,6 +189,24 @@ class SynthesizeTest(absltest.TestCase):
     self.assertEqual(sas._window((63, 0), 50, (64, 64)), (13, 0))  # dims-1
     self.assertEqual(sas._window((39, 32), 50, (64, 64)), (14, 7))  # ends at 64
 
+  def test_blob_window_centre_lies_in_the_named_region(self):
+    # The centre is drawn in the region's box; a blob spilling over a
+    # border is shifted inside, which at 224 px (S < 179) never moves its
+    # window's centre out of the region: each half is 112 px or more.
+    masks = sas.region_masks(224)
+    rng = np.random.default_rng(0)
+    for r, mask in enumerate(masks):
+      rows, cols = np.nonzero(mask)
+      for _ in range(200):
+        center = (
+          int(rng.integers(rows.min(), rows.max())),
+          int(rng.integers(cols.min(), cols.max())),
+        )
+        size = int(rng.integers(45, 179))
+        r0, c0 = sas._window(center, size, (224, 224))
+        mid = (r0 + size // 2, c0 + size // 2)
+        self.assertEqual(mask[mid], 1, (sas.POSITIONS[r], center, size))
+
   def test_empty_blob_guard(self):
     empty = np.zeros((64, 64), bool)
     np.testing.assert_array_equal(sas.gamma_map(empty, -0.999), 1.0)

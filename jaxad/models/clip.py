@@ -89,6 +89,15 @@ class CLIPConfig:
     return self.image_resolution // self.vision_patch_size
 
 
+# OpenAI's released ViT CLIPs (`clip.available_models()`), for random
+# initialisation at a known size (benchmarks, offline runs).
+ARCHITECTURES = {
+  "ViT-B/32": CLIPConfig(512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+  "ViT-B/16": CLIPConfig(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
+  "ViT-L/14": CLIPConfig(768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
+}
+
+
 def _dtype(compute_dtype):
   if isinstance(compute_dtype, str):
     return layers.compute_dtype(compute_dtype, "compute_dtype")

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from jaxad import weights
@@ -82,9 +83,26 @@ def _num_steps(config) -> int:
   return int(config.epochs) * _steps_per_epoch(config)
 
 
+RANDOM = "random"
+
+
 @functools.lru_cache(maxsize=2)
-def _load_clip(path: str, fp16_round: bool):
-  return clip_weights.load(path, fp16_round=fp16_round)
+def _load_clip(path: str, fp16_round: bool, arch: str, seed: int):
+  """(CLIPConfig, params) of a checkpoint, or a seeded random CLIP of
+  `arch` (`models.clip.ARCHITECTURES`) when path is "random"."""
+  if path != RANDOM:
+    return clip_weights.load(path, fp16_round=fp16_round)
+  logging.warning(
+    "PPAD: the frozen CLIP is RANDOMLY INITIALISED (%s, model.clip_weights="
+    "random): not CheXzero, not the paper's setting, and its results are"
+    " not PPAD's.",
+    arch,
+  )
+  config = clip_model.ARCHITECTURES[arch]
+  model = jax.jit(
+    lambda: nnx.split(clip_model.CLIP(config, rngs=nnx.Rngs(seed)))[1]
+  )()
+  return config, jax.device_get(model.to_pure_dict())
 
 
 def _clip_graphdef(config, clip_config):
@@ -175,9 +193,14 @@ class PPAD(api.Defaults):
         "config.model.clip_weights is empty: PPAD needs a frozen CLIP,"
         f" {CHEXZERO}"
       )
+    if m.clip_weights == RANDOM and m.clip_arch not in clip_model.ARCHITECTURES:
+      raise ValueError(
+        f"config.model.clip_arch={m.clip_arch!r}; valid:"
+        f" {list(clip_model.ARCHITECTURES)}"
+      )
     for key in ("clip_weights", "prompts_checkpoint"):
       path = m[key]
-      if path and not os.path.isfile(path):
+      if path and path != RANDOM and not os.path.isfile(path):
         raise FileNotFoundError(f"config.model.{key}: no file {path}")
     if m.mode == "zero_shot" and m.prompts_checkpoint:
       raise ValueError(
@@ -262,7 +285,10 @@ class PPAD(api.Defaults):
     prompts and their SGD state."""
     self.check_config(config)
     clip_config, clip_params = _load_clip(
-      config.model.clip_weights, bool(config.model.clip_fp16_round)
+      config.model.clip_weights,
+      bool(config.model.clip_fp16_round),
+      config.model.clip_arch,
+      int(config.seed),
     )
     if config.data.image_size != clip_config.image_resolution:
       raise ValueError(
