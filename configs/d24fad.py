@@ -122,7 +122,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     steps_per_call=1,
   )
   c.score = dict(sigma=4.0)  # Gaussian on each map (scipy, truncate 4)
-  c.eval = dict(batch_size=16)
+  c.eval = dict(
+    batch_size=16,
+    # A seeded (data.split_seed) fraction of the target's training normals,
+    # never its supports, recorded in W/split.json: their scores alone set
+    # the decision threshold (eval.json "calibrated").
+    calibration_fraction=0.1,
+    # Share of those normals at or below the threshold; another value
+    # re-scores (jaxad.evaluate) without retraining.
+    target_specificity=0.95,
+  )
   c.mesh = dict(data=-1)
 
   if arg.shared:  # the real sets in ../shared/data, every one an entry

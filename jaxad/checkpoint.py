@@ -47,7 +47,17 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return template
-    saved = self._manager.restore(step, args=ocp.args.StandardRestore())
+    # A checkpoint written on another device layout (trained on 8 GPUs,
+    # scored on a laptop) restores onto one local device; `_merge` then
+    # moves every array to the template's sharding.
+    saved = self._manager.restore(
+      step,
+      args=ocp.args.StandardRestore(
+        fallback_sharding=jax.sharding.SingleDeviceSharding(
+          jax.local_devices()[0]
+        )
+      ),
+    )
     fresh = []
     full = flax.serialization.to_state_dict(template)
     merged = _merge(_trainable(full), saved, "", fresh)

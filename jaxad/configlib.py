@@ -44,9 +44,22 @@ _RESUMABLE_CHANGES = (
   "data.cache_dir",
   "eval.batch_size",
 )
+# Keys that only turn a trained model's scores into decisions, whatever
+# the method: `jaxad.evaluate` may re-score a run with other values
+# (besides the method's `Method.rescoring_changes`).
+RESCORING_CHANGES = ("eval.target_specificity",)
 # Keys added after runs were written without them, with the value that
-# reproduces what those runs did: resuming such a run is allowed.
-_ADDED_KEYS = {"model.compute_dtype": "float32", "data.exclude_sources": ""}
+# reproduces what those runs did: resuming such a run is allowed. Runs
+# before the calibration split trained on every known normal (fraction 0:
+# resuming one with another fraction is refused, as it would change the
+# training set); they had no threshold, so the default specificity does
+# (and `jaxad.evaluate` may re-score them at another).
+ADDED_KEYS = {
+  "model.compute_dtype": "float32",
+  "data.exclude_sources": "",
+  "eval.calibration_fraction": 0.0,
+  "eval.target_specificity": 0.95,
+}
 
 
 def check_workdir(
@@ -71,7 +84,7 @@ def check_workdir(
   if os.path.exists(path):
     with open(path) as f:
       old = flatten(json.load(f))
-    old = {**{k: v for k, v in _ADDED_KEYS.items() if k in flat}, **old}
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k in flat}, **old}
     diff = sorted(
       k
       for k in set(old) | set(flat)

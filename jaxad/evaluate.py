@@ -3,14 +3,24 @@ r"""Scores the test split with a trained state and writes WORKDIR/eval.json.
   python -m jaxad.evaluate --config configs/<method>.py --workdir W [--report]
 
 restores the latest checkpoint in W (trained by `jaxad.train` with the same
-config) and re-scores without training. Writes:
+config) and re-scores without training (`eval.target_specificity` may
+differ from the trained run's). Writes:
 * `W/eval.json`: {"dataset", "num_normal", "num_abnormal",
   "scores": {name: {"auroc", "ap"}}}, plus "f1", "accuracy",
   "sensitivity", "specificity" at "decision_threshold" for a score with a
   fixed threshold (`api.Score.threshold`); for data with pixel masks
   (mvtec, bmad, mtd) every score also gets "pixel_auroc" and "aupro" (FPR
   limit 0.3) of its maps, bilinearly resized to the mask size if they differ;
+  with calibration normals (`api.EvalData.calibration`), every score gets
+  "calibrated": {"threshold", "target_specificity", "num_calibration",
+  "calibration_specificity", "sensitivity", "specificity"}: the threshold
+  chosen on the calibration normals' scores alone
+  (`metrics.threshold_at_specificity`, never on the test set) and the test
+  set's sensitivity and specificity there (abnormal = score > threshold);
 * `W/scores.npz`: per-image scores, labels and names;
+* `W/calibration_scores.npz`: {score name: [NC] float32, "names": [NC]},
+  the calibration normals' scores (a new image's percentile among them);
+  absent without calibration normals;
 * `W/maps.npz`: the pixel maps of every score, float16 [N, S, S];
 * with --report, `W/report/` (jaxad.report: ROC curves, histograms, map
   overlays, index.html).
@@ -50,12 +60,29 @@ def score_fn(method: api.Method, config: mlc.ConfigDict, mesh):
 
 def check_scores(method: api.Method, config, model, data, mesh) -> None:
   """Traces `method.score` on one eval batch (no compute) and checks its
-  output against `method.scores(config)`, before any training.
+  output against `method.scores(config)`, and the eval config, before any
+  training.
 
   Raises:
     ValueError: scores other than `scores()` lists, a map whose name is
-      not a score, or a score that is not [B] / a map that is not 3-D.
+      not a score, or a score that is not [B] / a map that is not 3-D;
+      eval.target_specificity outside (0, 1]; calibration images shaped
+      unlike the test images, or not as many names as images.
   """
+  target = config.eval.target_specificity
+  if not 0.0 < target <= 1.0:
+    raise ValueError(
+      f"config.eval.target_specificity={target}: must be in (0, 1]"
+    )
+  cal = data.calibration
+  if cal.shape[1:] != data.test.shape[1:] or len(cal) != len(
+    data.calibration_names
+  ):
+    raise ValueError(
+      f"{data.name}: calibration images {cal.shape} with"
+      f" {len(data.calibration_names)} names; test images are"
+      f" {data.test.shape[1:]}"
+    )
   names = [s.name for s in method.scores(config)]
   b = config.eval.batch_size
   images = jax.ShapeDtypeStruct((b, *data.test.shape[1:]), data.test.dtype)
@@ -117,19 +144,20 @@ def evaluate(
   *,
   write_report: bool = False,
 ) -> dict:
-  """Scores `data.test`, writes eval.json, scores.npz, maps.npz (and the
-  visual report with `write_report`); returns the eval.json content."""
+  """Scores `data.test` and `data.calibration`, writes eval.json,
+  scores.npz, calibration_scores.npz, maps.npz (and the visual report with
+  `write_report`); returns the eval.json content."""
   check_scores(method, config, model, data, mesh)
+  b = config.eval.batch_size
   with jax.set_mesh(mesh):
     context = method.score_context(config, model, data)
-    out = score_images(
-      score_fn(method, config, mesh),
-      model,
-      context,
-      data.test,
-      config.eval.batch_size,
-      mesh,
-    )
+    score = score_fn(method, config, mesh)
+    out = score_images(score, model, context, data.test, b, mesh)
+    calibration = None
+    if len(data.calibration):  # same function, context and batches
+      calibration = score_images(
+        score, model, context, data.calibration, b, mesh
+      )["scores"]
   order = [s.name for s in method.scores(config)]
   labels = np.asarray(data.test_labels)
   result = {
@@ -150,7 +178,23 @@ def evaluate(
       result["scores"][k] |= metrics.pixel_metrics(
         resize_maps(m, data.test_masks.shape[1:]), data.test_masks
       )
+  if calibration is None:
+    logging.warning(
+      "%s: no calibration normals (config.eval.calibration_fraction=%s):"
+      " eval.json has no calibrated decision threshold",
+      data.name,
+      config.eval.calibration_fraction,
+    )
+  else:  # the threshold sees the calibration scores only
+    for k in order:
+      result["scores"][k]["calibrated"] = metrics.calibrated_metrics(
+        calibration[k],
+        out["scores"][k],
+        labels,
+        config.eval.target_specificity,
+      )
   if jax.process_index() == 0:
+    write_calibration_scores(workdir, calibration, data.calibration_names)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
     np.savez(
@@ -178,6 +222,26 @@ def evaluate(
   return result
 
 
+CALIBRATION_SCORES = "calibration_scores.npz"
+
+
+def write_calibration_scores(
+  workdir: str, scores: dict[str, np.ndarray] | None, names
+) -> None:
+  """W/calibration_scores.npz: {score name: [NC] float32, "names": [NC]
+  str}; without calibration scores (None), removes a stale one."""
+  path = os.path.join(workdir, CALIBRATION_SCORES)
+  if scores is None:
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  np.savez(
+    path,
+    names=np.asarray(names, dtype=str),
+    **{k: np.asarray(v, np.float32) for k, v in scores.items()},
+  )
+
+
 def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """[N, h, w] maps -> [N, H, W] (`size`), bilinear with half-pixel centres.
 
@@ -194,18 +258,37 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def format_table(result: dict) -> str:
-  pixel = all("aupro" in m for m in result["scores"].values())
+  """eval.json as a console table: AUROC, AP, pixel metrics, and the
+  calibrated threshold with the test set's sensitivity/specificity."""
+  scores = result["scores"].values()
+  pixel = all("aupro" in m for m in scores)
+  calibrated = bool(scores) and all("calibrated" in m for m in scores)
   header = f"{'score':<10} {'AUROC':>7} {'AP':>7}"
-  lines = [header + (f" {'pAUROC':>7} {'AUPRO':>7}" if pixel else "")]
+  header += f" {'pAUROC':>7} {'AUPRO':>7}" if pixel else ""
+  header += f" {'threshold':>10} {'sens':>6} {'spec':>6}" if calibrated else ""
+  lines = [header]
   for name, m in result["scores"].items():
     line = f"{name:<10} {m['auroc']:>7.4f} {m['ap']:>7.4f}"
     if pixel:
       line += f" {m['pixel_auroc']:>7.4f} {m['aupro']:>7.4f}"
+    if calibrated:
+      c = m["calibrated"]
+      line += (
+        f" {c['threshold']:>10.4g} {c['sensitivity']:>6.3f}"
+        f" {c['specificity']:>6.3f}"
+      )
     lines.append(line)
   lines.append(
     f"({result['num_normal']} normal / {result['num_abnormal']} "
     "abnormal test images)"
   )
+  if calibrated:
+    c = next(iter(scores))["calibrated"]
+    lines.append(
+      f"(threshold: target specificity {c['target_specificity']:g} on"
+      f" {c['num_calibration']} calibration normals, never the test set;"
+      " sens/spec: test set, abnormal = score > threshold)"
+    )
   return "\n".join(lines)
 
 
@@ -215,13 +298,15 @@ def restore(config: mlc.ConfigDict, workdir: str):
   Raises:
     FileNotFoundError: W has no checkpoint.
     ValueError: `config` differs from W/config.json in a key that neither
-      re-scoring (`Method.rescoring_changes`) nor resuming may change.
+      re-scoring (`Method.rescoring_changes`, `configlib.RESCORING_CHANGES`)
+      nor resuming may change.
   """
   mesh = sharding.make_mesh(config.mesh)
   method = methods.get(config.method)
   method.check_config(config)
+  rescoring = method.rescoring_changes() + configlib.RESCORING_CHANGES
   if not method.trains(config):  # zero-shot / imported: nothing to restore
-    allowed = method.rescoring_changes() + ("mesh.",)
+    allowed = rescoring + ("mesh.",)
     configlib.check_workdir(config, workdir, allowed, write=False)
     return method, loop.place(method.init_state(config), mesh).model(), mesh
   directory = os.path.join(workdir, "checkpoints")
@@ -230,9 +315,9 @@ def restore(config: mlc.ConfigDict, workdir: str):
       f"No checkpoint in {directory}: train first with python -m jaxad.train"
     )
   # The trained run's config, up to what re-scoring may change (another
-  # support set, the mesh) and what resuming it may.
+  # support set, target specificity, the mesh) and what resuming it may.
   stored = configlib.stored_config(workdir)
-  allowed = method.resumable_changes(stored) + method.rescoring_changes()
+  allowed = method.resumable_changes(stored) + rescoring
   configlib.check_workdir(config, workdir, allowed + ("mesh.",), write=False)
   ckpt = checkpoint.Checkpointer(directory)
   try:

@@ -1,7 +1,9 @@
 """Host-side evaluation metrics (numpy / scipy / scikit-learn).
 
 Image level: `image_metrics` (AUROC, AP), `decision_metrics` (F1,
-accuracy, sensitivity, specificity at a fixed threshold). Pixel level:
+accuracy, sensitivity, specificity at a fixed threshold),
+`threshold_at_specificity` (a threshold from normal scores alone) and
+`calibrated_metrics` (the test set at that threshold). Pixel level:
 `pixel_auroc` over all pixels of all test images, and `aupro`, the
 normalised area under the per-region-overlap curve of MVTec AD (Bergmann
 et al., IJCV 2021); `pixel_metrics` gives both from one sort.
@@ -87,6 +89,74 @@ def decision_metrics(
     "accuracy": float(skm.accuracy_score(labels, decided)),
     "sensitivity": recall(1),
     "specificity": recall(0),
+  }
+
+
+def threshold_at_specificity(normal_scores: np.ndarray, target: float) -> float:
+  """The decision threshold at a target specificity, from normals only.
+
+  The rule: the smallest observed score t such that at least `target` of
+  `normal_scores` are <= t, i.e. the k-th smallest score with
+  k = ceil(target * N). With the decision `score > t` (as
+  `decision_metrics`), a new normal image whose score is distributed like
+  these is called normal with probability >= `target` (empirically). Only
+  held-out normal images (the calibration split) may be passed: a test set
+  must never choose its own threshold.
+
+  Args:
+    normal_scores: [N] finite scores of normal images, N >= 1.
+    target: the specificity, in (0, 1].
+
+  Returns:
+    t, one of `normal_scores`; target=1 gives their maximum.
+  """
+  scores = np.sort(np.asarray(normal_scores, np.float64))
+  if scores.ndim != 1 or not len(scores):
+    raise ValueError(
+      f"normal_scores must be a non-empty 1-d array, got shape {scores.shape}"
+    )
+  if not np.all(np.isfinite(scores)):
+    raise ValueError(
+      f"{int(np.sum(~np.isfinite(scores)))} normal scores are not finite"
+    )
+  if not 0.0 < target <= 1.0:
+    raise ValueError(f"target specificity must be in (0, 1], got {target}")
+  # (i + 1) / N is correctly rounded, so k / N == target is found exactly
+  # (a float ceil(target * N) can overshoot: 0.7 * 10 = 7.000000000000001).
+  covered = np.arange(1, len(scores) + 1) / len(scores)
+  return float(scores[int(np.argmax(covered >= target))])
+
+
+def calibrated_metrics(
+  normal_scores: np.ndarray,
+  scores: np.ndarray,
+  labels: np.ndarray,
+  target: float,
+) -> dict[str, float]:
+  """The threshold of `threshold_at_specificity` and the test set there.
+
+  Args:
+    normal_scores: [NC] scores of the calibration normals (held out from
+      training and from the test set); they alone choose the threshold.
+    scores: [N] test scores; labels: [N] 0 normal, 1 abnormal.
+    target: the target specificity, in (0, 1].
+
+  Returns:
+    {"threshold", "target_specificity", "num_calibration",
+    "calibration_specificity" (fraction of the calibration normals at or
+    below the threshold), "sensitivity", "specificity" (test set, decision
+    `score > threshold`; NaN for a class absent from `labels`)}.
+  """
+  normal_scores = np.asarray(normal_scores, np.float64)
+  t = threshold_at_specificity(normal_scores, target)
+  test = decision_metrics(scores, labels, t)
+  return {
+    "threshold": t,
+    "target_specificity": float(target),
+    "num_calibration": len(normal_scores),
+    "calibration_specificity": float(np.mean(normal_scores <= t)),
+    "sensitivity": test["sensitivity"],
+    "specificity": test["specificity"],
   }
 
 

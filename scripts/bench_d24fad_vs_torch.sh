@@ -9,6 +9,8 @@
 #   scripts/bench_d24fad_vs_torch.sh [cpu|cuda] [TORCH_PYTHON] [K] [STEPS]
 #
 # TORCH_PYTHON is a Python with torch and torchvision (default: python3).
+# Needs ../shared (the peer script; :shared names the real sets, which
+# the synthetic-data benchmark never reads).
 # The peer is ../shared/bench/torch_d24fad_reference.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +21,12 @@ steps="${4:-3}"
 peer=../shared/bench/torch_d24fad_reference.py
 for round in 1 2; do
   for bn in parallel fast; do
-    echo "== round $round: jaxad.bench (configs/d24fad.py:offline, bn_mode=$bn, K=$shots)"
-    python -m jaxad.bench --config configs/d24fad.py:offline \
+    echo "== round $round: jaxad.bench (configs/d24fad.py:shared,offline, bn_mode=$bn, K=$shots)"
+    python -m jaxad.bench --config configs/d24fad.py:shared,offline \
       --config.model.bn_mode="$bn" --config.data.shots="$shots" \
       --steps "$steps" --repeats 2 --warmup 1 \
       --json "/tmp/jaxad_d24fad_bench_${bn}_$round.json" \
-      2>/dev/null | grep -v "^  input"
+      2>&1 | grep -v "^  input\|^[IW][0-9]"
   done
   echo "== round $round: PyTorch peer (K + 1 teacher and decoder forwards)"
   "$torch_python" "$peer" --device "$device" --shots "$shots" \

@@ -384,6 +384,8 @@ class EndToEndTest(absltest.TestCase):
         "data.cache_dir": os.path.join(self.tmp, "cache"),
         "epochs": 2,  # 16 train normals, batch 8: 4 steps
         "train.log_every": 2,
+        # All 16 trained on (the calibrated threshold: calibration_test).
+        "eval.calibration_fraction": 0.0,
       }
     )
     full_dir = os.path.join(self.tmp, "full")

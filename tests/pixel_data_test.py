@@ -335,7 +335,15 @@ class EvaluatePixelMetricsTest(DataTestCase):
       write_mask(f"{root}/MT_Crack/Imgs/c{i}.png")
       Image.fromarray(image).save(f"{root}/MT_Crack/Imgs/c{i}.jpg", quality=95)
     self.data = self.load(format="mtd", root=root, test_normal_fraction=0.4)
-    self.config = ml_collections.ConfigDict({"eval": {"batch_size": 8}})
+    self.config = ml_collections.ConfigDict(
+      {
+        "eval": {
+          "batch_size": 8,
+          "calibration_fraction": 0.0,
+          "target_specificity": 0.95,
+        }
+      }
+    )
     self.mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1}))
 
   def evaluate(self, data, stride=1):

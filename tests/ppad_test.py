@@ -156,7 +156,7 @@ class ZeroShotTest(TempDirTestCase):
     self.assertEqual(stored, json.loads(json.dumps(result)))
     self.assertEqual(list(stored["scores"]), ["zero_shot"])
     m = stored["scores"]["zero_shot"]
-    self.assertEqual(set(m), EVAL_KEYS)
+    self.assertEqual(set(m), EVAL_KEYS | {"calibrated"})
     self.assertEqual(m["decision_threshold"], 0.5)
     for key in EVAL_KEYS - {"decision_threshold"}:
       self.assertBetween(m[key], 0.0, 1.0)
@@ -249,7 +249,7 @@ class PromptCheckpointTest(TempDirTestCase):
     data = subset(method.load_data(config, work), config.eval.batch_size)
     result = evaluate.evaluate(config, work, method, model, data, mesh)
     self.assertEqual(list(result["scores"]), ["ppad"])
-    self.assertEqual(set(result["scores"]["ppad"]), EVAL_KEYS)
+    self.assertEqual(set(result["scores"]["ppad"]), EVAL_KEYS | {"calibrated"})
     self.assertFalse(os.path.exists(os.path.join(work, "checkpoints")))
     with np.load(os.path.join(work, "scores.npz")) as npz:
       imported = npz["ppad"]

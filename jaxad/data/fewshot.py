@@ -41,6 +41,15 @@ images, recorded in W/split.json as
 or seed adds one (the support is an input, not a weight, so re-scoring
 with other shots needs no retraining). Draws are nested: K supports are
 the first K of one seeded permutation, so 2 ⊂ 4 ⊂ 8 for a seed.
+
+The calibration normals (`load`'s `calibration_fraction`, the run's
+`eval.calibration_fraction`) are a seeded (split_seed) fraction of the
+target's training normals, recorded in W/split.json's "calibration"
+({"fraction", "seed", "names"}); the draw does not depend on the support,
+so re-scoring with other shots keeps the record, and the current support
+images (by name, or identical pixels for a fixed support) are left out of
+what is scored. They are never test images, nor trained on (no target
+image is).
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from jaxad.data import d24fad_layout, layouts, manifest
+from jaxad.data import d24fad_layout, layouts, manifest, oneclass, splits
 
 DataError = manifest.DataError
 LAYOUT_KEYS = {
@@ -105,6 +114,10 @@ class FewShotData:
     test_names: the NT test image names, in order.
     test_masks: [NT, S, S] uint8 in {0, 1} for targets with masks, else
       None.
+    calibration: [NC, S, S, C] uint8 calibration normals of the target
+      (training normals, never a support); [0, S, S, C] when there are none
+      (the default: None is replaced).
+    calibration_names: their names (the target's manifest names).
   """
 
   name: str
@@ -118,6 +131,13 @@ class FewShotData:
   test_labels: np.ndarray
   test_names: tuple[str, ...]
   test_masks: np.ndarray | None = None
+  calibration: np.ndarray | None = None
+  calibration_names: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.calibration is None:
+      empty = oneclass.no_calibration(self.test)
+      object.__setattr__(self, "calibration", empty)
 
 
 def _as_dict(entry: Any, where: str) -> dict[str, Any]:
@@ -331,15 +351,54 @@ def _support(target, m, shots, mode, seed, workdir):
   return f"drawn: seed {seed} of {len(normals)} training normals", names, None
 
 
-def load(data: Any, workdir: str) -> FewShotData:
+def _read_normals(builder, indices: list[int]) -> np.ndarray:
+  """[len(indices), S, S, C] uint8 training normals at manifest positions
+  `indices`, reading only those records."""
+  if not indices:
+    return np.zeros((0, *builder.info.features["image"].shape), np.uint8)
+  from jaxad.data import builder as builder_lib  # tfds: only to prepare
+
+  records = builder_lib.split_source(builder, "normal").__getitems__(indices)
+  if [int(r["index"]) for r in records] != indices:
+    raise DataError(f"Corrupt cache {builder.data_dir}: delete it")
+  return np.stack([r["image"] for r in records])
+
+
+def _calibration(builder, names, held, support, support_names):
+  """(images, names) of the held-out target normals that are no support:
+  not named as one (a drawn support), nor identical to one (any)."""
+  named = set(support_names)
+  want = [i for i in np.flatnonzero(held).tolist() if names[i] not in named]
+  images = _read_normals(builder, want)
+  same = {hashlib.sha1(x.tobytes()).digest() for x in support}
+  keep = [hashlib.sha1(x.tobytes()).digest() not in same for x in images]
+  dropped = int(np.sum(held)) - int(np.sum(keep))
+  if dropped:
+    logging.info(
+      "%d of the %d calibration normals are supports: not scored",
+      dropped,
+      int(np.sum(held)),
+    )
+  return images[np.asarray(keep, bool)], tuple(
+    names[i] for i, k in zip(want, keep, strict=True) if k
+  )
+
+
+def load(
+  data: Any, workdir: str, calibration_fraction: float = 0.0
+) -> FewShotData:
   """Checks, prepares (once, cached) and reads a leave-one-out run's data.
 
   Args:
     data: the `data` config (see the module docstring).
     workdir: the run's directory (split.json, sources/<name>/split.json).
+    calibration_fraction: `eval.calibration_fraction`: the share of the
+      target's training normals held out as calibration normals (see the
+      module docstring); 0: none.
 
   Returns:
-    The sources' training pools, the target's support and test split.
+    The sources' training pools, the target's support, calibration normals
+    and test split.
 
   Raises:
     DataError / FileNotFoundError, naming the key, file or folder, before
@@ -347,10 +406,12 @@ def load(data: Any, workdir: str) -> FewShotData:
     source with fewer than 2 training normals (a query needs another
     image of its source), a target test split without both labels, a
     fixed support folder without exactly K images, a target with fewer
-    than K training normals for a draw, a changed support record.
+    than K training normals for a draw, a changed support or calibration
+    record, a calibration fraction outside [0, 1).
   """
   from jaxad.data import builder as builder_lib  # tfds: only to prepare
 
+  splits.check_calibration_fraction(calibration_fraction)
   entries, t = check_config(data)
   target = entries[t]
   shots = int(manifest.get(data, "shots", 0))
@@ -377,11 +438,20 @@ def load(data: Any, workdir: str) -> FewShotData:
     int(manifest.get(data, "support_seed", 0)),
     workdir,
   )
+  seed = int(manifest.get(data, "split_seed", 0))
+  target_names = tuple(e.name for e in manifests[t].parts["normal"])
+  held = oneclass.hold_out_calibration(
+    workdir,
+    target_names,
+    fraction=calibration_fraction,
+    seed=seed,
+    what=f"Target {target.name!r}: training normals",
+    empty={"params": {"format": "fewshot"}, "support": {}},
+  )
   # Everything is checked: decode (or re-use the cache).
   cache = target.data.cache_dir
   builders = [builder_lib.prepare(m, cache) for m in manifests]
   cap = int(manifest.get(data, "max_source_images", 0))
-  seed = int(manifest.get(data, "split_seed", 0))
   pools, ids = [], []
   for i, b in enumerate(builders):
     if i != t:
@@ -397,13 +467,11 @@ def load(data: Any, workdir: str) -> FewShotData:
     support = np.stack([manifest.decode(e, size, c) for e in fixed])
   else:
     # Only the K records: records are stored at their manifest position.
-    index = {e.name: i for i, e in enumerate(manifests[t].parts["normal"])}
-    want = [index[n] for n in support_names]
-    source = builder_lib.split_source(builders[t], "normal")
-    records = source.__getitems__(want)
-    if [int(r["index"]) for r in records] != want:
-      raise DataError(f"Corrupt cache {builders[t].data_dir}: delete it")
-    support = np.stack([r["image"] for r in records])
+    index = {n: i for i, n in enumerate(target_names)}
+    support = _read_normals(builders[t], [index[n] for n in support_names])
+  calibration, calibration_names = _calibration(
+    builders[t], target_names, held, support, support_names
+  )
   # A support identical to a test image (a duplicate across splits) would
   # score that test image against itself.
   hashes = {
@@ -430,10 +498,12 @@ def load(data: Any, workdir: str) -> FewShotData:
     test_labels=test["label"],
     test_names=test["name"],
     test_masks=test["mask"],
+    calibration=calibration,
+    calibration_names=calibration_names,
   )
   logging.info(
     "Few-shot data: sources %s (pool %d, images %s); target %s: %d supports"
-    " (%s), test %d (%d abnormal), %s",
+    " (%s), %d calibration normals, test %d (%d abnormal), %s",
     ", ".join(
       f"{n} {len(p)}" for n, p in zip(out.source_names, pools, strict=True)
     ),
@@ -442,6 +512,7 @@ def load(data: Any, workdir: str) -> FewShotData:
     out.name,
     len(out.support),
     how,
+    len(out.calibration),
     len(out.test),
     int(out.test_labels.sum()),
     "with masks" if out.test_masks is not None else "no masks",

@@ -7,6 +7,11 @@ which has no train/test split at all, holds out a fraction of its normals
 for the test (`hold_out`). Either draw is written to `WORKDIR/split.json` so
 that it can be inspected and so that a resumed run sees exactly the same
 split.
+
+Every method also holds out calibration normals, never trained on, whose
+scores set the decision threshold (`eval.calibration_fraction`,
+`draw_calibration`); they are recorded under split.json's "calibration"
+key (`record_calibration`), beside whatever the layout wrote there.
 """
 
 from __future__ import annotations
@@ -135,6 +140,112 @@ def hold_out(
     "normal": [x for i, x in enumerate(normals) if i not in pick],
     "test": {"0": [normals[i] for i in sorted(pick)]},
   }
+
+
+CALIBRATION = "calibration"
+# The calibration draw's stream: not the OC-SSL draw's, which uses the
+# same data.split_seed.
+_CALIBRATION_SALT = 0xCA11B
+
+
+def check_calibration_fraction(fraction: float) -> None:
+  """Raises DataError unless `eval.calibration_fraction` is in [0, 1)."""
+  if not 0.0 <= fraction < 1.0:
+    raise manifest.DataError(
+      f"eval.calibration_fraction must be in [0, 1), got {fraction}"
+    )
+
+
+def draw_calibration(
+  num: int, *, fraction: float, seed: int, what: str
+) -> list[int]:
+  """Which of `num` normals are held out for calibration.
+
+  Args:
+    num: the candidate normals (e.g. the known normals, in manifest order).
+    fraction: `eval.calibration_fraction`, in [0, 1): round(fraction *
+      num) of them, at least 1 when fraction > 0 and num >= 2, and at most
+      num - 1 (one is left).
+    seed: data.split_seed; the draw is
+      `default_rng([seed, _CALIBRATION_SALT]).choice(num, n)`.
+    what: the dataset, for messages.
+
+  Returns:
+    The sorted indices of the calibration normals ([] for fraction 0).
+
+  Raises:
+    DataError: a fraction outside [0, 1).
+  """
+  check_calibration_fraction(fraction)
+  if fraction == 0.0:
+    return []
+  if num < 2:
+    logging.warning(
+      "%s: %d normal(s), too few to hold out calibration normals: no"
+      " decision threshold (eval.calibration_fraction=%s)",
+      what,
+      num,
+      fraction,
+    )
+    return []
+  size = min(max(round(fraction * num), 1), num - 1)
+  rng = np.random.default_rng([seed, _CALIBRATION_SALT])
+  return sorted(rng.choice(num, size, replace=False).tolist())
+
+
+def record_calibration(
+  workdir: str, record: dict[str, Any], empty: dict[str, Any] | None = None
+) -> None:
+  """Records the calibration split in W/split.json, or checks the record.
+
+  Args:
+    workdir: the run's directory.
+    record: {"fraction", "seed", "names"} of this run's calibration draw.
+    empty: what a new split.json holds besides the record when the layout
+      wrote none ({} by default); a layout's "params" stay as they are, so
+      `resolve` still accepts the file.
+
+  Raises:
+    DataError: split.json is unreadable or not a JSON object, or holds
+      another calibration record (a resumed run must keep its split).
+  """
+  path = os.path.join(workdir, SPLIT_FILE)
+  split = read_json(path)
+  if split is None:
+    split = dict(empty or {})
+  elif not isinstance(split, dict):
+    raise manifest.DataError(f"{path}: expected a JSON object")
+  old = split.get(CALIBRATION)
+  if old is None:
+    split[CALIBRATION] = record
+    write_json(path, split)
+    logging.info(
+      "Held out %d calibration normals (fraction %s, seed %s): %s",
+      len(record["names"]),
+      record["fraction"],
+      record["seed"],
+      path,
+    )
+    return
+  if old == record:
+    return
+  if not isinstance(old, dict):
+    old = {"names": old}
+  diff = [
+    f"{k}: {old.get(k)!r} in file, {record[k]!r} now"
+    for k in ("fraction", "seed")
+    if old.get(k) != record[k]
+  ]
+  if old.get("names") != record["names"]:
+    diff.append(
+      "names: other images than in the file"
+      + ("" if diff else " (the data changed)")
+    )
+  raise manifest.DataError(
+    f"{path}: {CALIBRATION!r} holds another calibration split"
+    f" ({'; '.join(diff)}). A resumed run must keep its split: restore the"
+    " config and data, or use a new workdir."
+  )
 
 
 def resolve(

@@ -29,7 +29,8 @@ Adding a method
 2. `configs/<name>.py` with `get_config(arg)` and a `:smoke` argument: the
    conformance test (tests/conformance_test.py) then runs the whole
    contract on it. The shared code reads these keys: `method`, `seed`,
-   `epochs` (only in messages), `mesh.data`, `eval.batch_size`,
+   `epochs` (only in messages), `mesh.data`, `eval.{batch_size,
+   calibration_fraction, target_specificity}`,
    `train.{batch_size, log_every, checkpoint_every, steps_per_call}`,
    `data.{image_size, channels, cache_dir}` (bench, default loader) and
    whatever `data.*` the method's `load_data` reads.
@@ -41,7 +42,11 @@ Lifecycle of a run
    written to the workdir (raise ValueError/FileNotFoundError naming the
    key).
 2. `load_data(config, workdir)`: the run's data; it must provide the
-   `EvalData` fields. Default: `jaxad.data.oneclass.load`.
+   `EvalData` fields. Default: `jaxad.data.oneclass.load`. Its
+   `calibration` images are normals held out from training (a seeded
+   `eval.calibration_fraction` of the known normals, recorded in
+   W/split.json): never trained on and never test images, they set the
+   decision threshold at `eval.target_specificity` (step 6).
 3. `init_state(config)`: a fresh `TrainState` on the host or any device;
    the loop places it. It must be a pure function of the config (same
    config, same bits), so the `frozen` networks it rebuilds on every start
@@ -62,6 +67,10 @@ Lifecycle of a run
    optimizer state: this is the function predict/export wrap. It returns
    exactly the scores `scores(config)` lists, and maps only under those
    names; `jaxad.evaluate.check_scores` traces it before training starts.
+   Evaluation scores `data.test` and `data.calibration` with it (same
+   context); the calibration scores alone choose each score's threshold
+   (eval.json "calibrated", W/calibration_scores.npz): the test set never
+   does.
 
 Everything that can refuse a run (`check_config`, batch sizes against the
 mesh, `load_data`, `phases`, the score's names) runs before the workdir's
@@ -340,13 +349,20 @@ def step_keys(seed: int, salt: int) -> dict[str, Array]:
 
 @runtime_checkable
 class EvalData(Protocol):
-  """What evaluation reads of a method's data (OneClassData has it)."""
+  """What evaluation reads of a method's data (OneClassData has it).
+
+  `calibration`: held-out normals (never trained on, never test images)
+  whose scores alone set the threshold at `eval.target_specificity`;
+  [0, S, S, C] with `eval.calibration_fraction=0` (no threshold then).
+  """
 
   name: str
   test: np.ndarray  # [N, S, S, C] uint8
   test_labels: np.ndarray  # [N] int, 0 normal / 1 abnormal
   test_names: tuple[str, ...]
   test_masks: np.ndarray | None  # [N, H, W] bool, or None
+  calibration: np.ndarray  # [NC, S, S, C] uint8 held-out normals
+  calibration_names: tuple[str, ...]  # the NC names, in order
 
 
 # --------------------------------------------------------------- the method
@@ -434,10 +450,11 @@ class Defaults:
     return ()
 
   def load_data(self, config: Config, workdir: str) -> EvalData:
-    """The one-class data of `config.data` (jaxad.data.oneclass)."""
+    """The one-class data of `config.data` (jaxad.data.oneclass), with
+    `eval.calibration_fraction` of the known normals held out."""
     from jaxad.data import oneclass  # tfds/grain only when data is loaded
 
-    return oneclass.load(config.data, workdir)
+    return oneclass.load(config.data, workdir, config.eval.calibration_fraction)
 
   def score_context(self, config: Config, model: Model, data: EvalData) -> Any:
     del config, model, data

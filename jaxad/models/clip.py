@@ -257,7 +257,9 @@ class VisionTransformer(nnx.Module):
       n, w = tokens.shape[1:]
       m = jnp.asarray(token_mask, jnp.float32)
       prompt = jnp.asarray(patch_prompt, jnp.float32)
-      if m.ndim != 2 or m.shape[1] != n or m.shape[0] not in (1, len(tokens)):
+      if (
+        m.ndim != 2 or m.shape[1] != n or m.shape[0] not in (1, tokens.shape[0])
+      ):
         raise ValueError(f"token_mask must be [B or 1, {n}], got {m.shape}")
       if prompt.ndim != 3 or prompt.shape[1:] != (n, w):
         raise ValueError(

@@ -163,11 +163,12 @@ class D24FAD(api.Defaults):
   def load_data(self, config: mlc.ConfigDict, workdir: str):
     from jaxad.data import fewshot  # tfds only when data is prepared
 
-    return fewshot.load(config.data, workdir)
+    return fewshot.load(config.data, workdir, config.eval.calibration_fraction)
 
   def synthetic_data(self, config: mlc.ConfigDict, num_images: int):
     """Seeded random few-shot data: 2 sources of num_images / 2 training
-    normals each, K supports, num_images test images [S, S, 3] uint8."""
+    normals each, K supports, num_images test images [S, S, 3] uint8 and
+    max(1, num_images // 10) calibration normals."""
     from jaxad.data import fewshot
 
     rng = np.random.default_rng(0)
@@ -177,17 +178,23 @@ class D24FAD(api.Defaults):
       return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
     half = max(num_images // 2, 2)
+    pools, support, test = images(2 * half), images(k), images(num_images)
+    num_calibration = max(1, num_images // 10)
     return fewshot.FewShotData(
       name="synthetic",
-      pools=images(2 * half),
+      pools=pools,
       pool_source=np.repeat(np.arange(2, dtype=np.int32), half),
       source_names=("synthetic0", "synthetic1"),
-      support=images(k),
+      support=support,
       support_names=tuple(f"support/{i}" for i in range(k)),
       support_from="synthetic",
-      test=images(num_images),
+      test=test,
       test_labels=np.arange(num_images, dtype=np.int32) % 2,
       test_names=tuple(f"synthetic/{i}" for i in range(num_images)),
+      calibration=images(num_calibration),
+      calibration_names=tuple(
+        f"synthetic/calibration/{i}" for i in range(num_calibration)
+      ),
     )
 
   def init_state(self, config: mlc.ConfigDict) -> api.TrainState:

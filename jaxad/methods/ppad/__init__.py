@@ -63,6 +63,15 @@ class PPADData:
   test_labels: np.ndarray
   test_names: tuple[str, ...]
   test_masks: np.ndarray | None = None
+  # [NC, S, S, 1] uint8 known normals that are not shots, held out for the
+  # decision threshold; None (no calibration) becomes [0, S, S, 1].
+  calibration: np.ndarray | None = None
+  calibration_names: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.calibration is None:
+      empty = np.zeros((0, *np.shape(self.test)[1:]), np.uint8)
+      object.__setattr__(self, "calibration", empty)
 
 
 def _steps_per_epoch(config) -> int:
@@ -235,9 +244,15 @@ class PPAD(api.Defaults):
 
   def load_data(self, config: mlc.ConfigDict, workdir: str) -> PPADData:
     """The layout's known normals and test split; K shots drawn (seeded by
-    data.shot_seed) from the known normals, recorded in W/shots.json."""
-    from jaxad.data import oneclass
+    data.shot_seed) from the known normals, recorded in W/shots.json; the
+    calibration normals, `eval.calibration_fraction` of the known normals
+    that are not shots (seeded by data.split_seed), in W/split.json."""
+    from jaxad.data import oneclass, splits
 
+    fraction = float(config.eval.calibration_fraction)
+    splits.check_calibration_fraction(fraction)  # before anything is written
+    # Every known normal: the shots are drawn as before the calibration
+    # split existed, and the calibration normals from the others.
     data = oneclass.load(config.data, workdir)
     k = int(config.data.shots)
     if self.trains(config):
@@ -259,6 +274,15 @@ class PPAD(api.Defaults):
         },
         f,
       )
+    rest = np.setdiff1d(np.arange(len(data.normal)), index)
+    names = tuple(data.normal_names[i] for i in rest)
+    held = oneclass.hold_out_calibration(
+      workdir,
+      names,
+      fraction=fraction,
+      seed=int(config.data.split_seed),
+      what=f"{data.name}: known normals that are not shots",
+    )
     return PPADData(
       name=data.name,
       shots=data.normal[index],
@@ -266,6 +290,8 @@ class PPAD(api.Defaults):
       test_labels=data.test_labels,
       test_names=data.test_names,
       test_masks=data.test_masks,
+      calibration=data.normal[rest[held]],
+      calibration_names=tuple(n for n, h in zip(names, held, strict=True) if h),
     )
 
   def synthetic_data(self, config: mlc.ConfigDict, num_images: int) -> PPADData:
@@ -278,6 +304,8 @@ class PPAD(api.Defaults):
       test=data.test[:num_images],
       test_labels=data.test_labels[:num_images],
       test_names=data.test_names[:num_images],
+      calibration=data.calibration,
+      calibration_names=data.calibration_names,
     )
 
   def init_state(self, config: mlc.ConfigDict) -> api.TrainState:
@@ -408,7 +436,7 @@ class PPAD(api.Defaults):
     """Abnormal probability [B] of uint8 images [B, S, S, 1]; no maps."""
     clip = model.net("clip")
     x = prompts.to_clip_input(images)
-    b = len(images)
+    b = images.shape[0]  # symbolic under jax.export
     if config.model.mode == "zero_shot":
       z = prompts.normalize(clip.encode_image(x))
       logits = jnp.exp(clip.logit_scale[...]) * z @ context[0].T

@@ -1,0 +1,551 @@
+"""A trained run as a Python object: `jaxad.load(W)` -> `TrainedModel`.
+
+  model = jaxad.load("runs/ddad")  # W of python -m jaxad.train
+  out = model.score(images)  # uint8 [N, S, S, C] -> scores [N], maps [N, S, S]
+  rows = model.predict(["a.png", "scans/"])  # files, folders, .npz
+  model.threshold  # {score: calibrated threshold or None}
+
+`load` reads everything from the workdir: the config (W/config.json), the
+trained model (its latest checkpoint, through `jaxad.evaluate.restore`, so
+methods that do not train, like PPAD zero-shot, work too), the calibrated
+thresholds (W/eval.json) and the calibration normals' scores
+(W/calibration_scores.npz). It computes the method's score context once.
+
+Files are decoded by `jaxad.data.manifest.decode`, the function that
+prepared the training data: the same grayscale/RGB conversion and bilinear
+resize to S x S. Normalisation is part of the scoring function itself
+(`Method.score` takes uint8), so `score` takes the images exactly as that
+decoding leaves them.
+
+`jaxad.predict` (the command line) and `jaxad.export` build on this module.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+from jaxad import configlib, evaluate, sharding
+from jaxad.data import manifest
+from jaxad.methods import api
+
+IMAGE_EXTENSIONS = manifest.IMAGE_EXTENSIONS
+NPZ_IMAGE_KEY = "images"
+NPZ_NAMES_KEY = "names"
+
+
+# ------------------------------------------------------------ the workdir
+
+
+def read_config(workdir: str) -> mlc.ConfigDict:
+  """The run's config, W/config.json, as a ConfigDict.
+
+  Keys that were added to jaxad after the run was written
+  (`configlib.ADDED_KEYS`) get the value that reproduces what the run did.
+
+  Raises:
+    FileNotFoundError: W/config.json does not exist.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not configlib.stored_config(workdir):
+    raise FileNotFoundError(
+      f"No run config in {path}: W must be the --workdir of a finished"
+      " python -m jaxad.train"
+    )
+  with open(path) as f:
+    config = json.load(f)
+  for key, value in configlib.ADDED_KEYS.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf not in node:
+      node[leaf] = value
+  return mlc.ConfigDict(config)
+
+
+def read_thresholds(workdir: str, names: Sequence[str]) -> dict:
+  """{score: float or None}: W/eval.json's scores[name].calibrated.threshold.
+
+  None for a score without a calibrated threshold (a run without
+  calibration normals, or no eval.json).
+  """
+  path = os.path.join(workdir, "eval.json")
+  scores = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      scores = json.load(f).get("scores", {})
+  out = {}
+  for name in names:
+    t = (scores.get(name) or {}).get("calibrated", {}).get("threshold")
+    out[name] = None if t is None else float(t)
+  return out
+
+
+def read_calibration_scores(workdir: str, names: Sequence[str]) -> dict:
+  """{score: sorted float32 [NC]} of W/calibration_scores.npz ({} if absent;
+  only the keys that are score names)."""
+  path = os.path.join(workdir, "calibration_scores.npz")
+  if not os.path.exists(path):
+    return {}
+  with np.load(path, allow_pickle=False) as npz:
+    return {
+      k: np.sort(np.asarray(npz[k], np.float32).ravel())
+      for k in names
+      if k in npz.files
+    }
+
+
+def percentile(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
+  """Percent of the calibration normals' scores <= each score, float [N] in
+  [0, 100] (`calibration` sorted ascending)."""
+  ranks = np.searchsorted(calibration, np.asarray(scores), side="right")
+  return 100.0 * ranks / len(calibration)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def check_images(images: Any, size: int, channels: int) -> np.ndarray:
+  """`images` as a numpy uint8 [N, S, S, C] array, or a ValueError.
+
+  Raises:
+    ValueError: not 4-D, not uint8, or not S x S x C, naming the contract.
+  """
+  contract = (
+    f"uint8 [N, {size}, {size}, {channels}] (NHWC, values 0..255, as"
+    " jaxad.data.manifest.decode leaves a file; normalisation is inside the"
+    " model)"
+  )
+  shape = getattr(images, "shape", None)
+  dtype = getattr(images, "dtype", None)
+  if shape is None or dtype is None:
+    raise ValueError(f"images must be an array {contract}, got {type(images)}")
+  if np.dtype(dtype) != np.uint8:
+    hint = ""
+    if np.issubdtype(np.dtype(dtype), np.floating):
+      hint = " (float images: convert the 0..255 values with .astype(uint8))"
+    raise ValueError(f"images must be {contract}, got dtype {dtype}{hint}")
+  if len(shape) != 4 or tuple(shape[1:]) != (size, size, channels):
+    hint = ""
+    if len(shape) == 3 and tuple(shape[1:]) == (size, size) and channels == 1:
+      hint = " (add the channel axis: images[..., None])"
+    elif len(shape) == 4 and tuple(shape[1:3]) != (size, size):
+      hint = " (jaxad.load(W).predict(paths) decodes and resizes files)"
+    raise ValueError(
+      f"images must be {contract}, got shape {tuple(shape)}{hint}"
+    )
+  return np.asarray(images)
+
+
+def find_inputs(path: str, *, full_names: bool = False) -> list[manifest.Entry]:
+  """The images under `path`: an image file, a folder or a `.npz`.
+
+  A folder is walked recursively, in sorted order, for files whose
+  extension (any case) is one of `IMAGE_EXTENSIONS`; files and folders
+  whose name starts with "." are ignored, like the training layouts do.
+  Other files are ignored too (they are counted by `count_other_files`).
+  A `.npz` holds "images": uint8 [N, H, W], [N, H, W, 1] or [N, H, W, 3]
+  (any H, W: resized like files), and optionally "names": [N] str; without
+  an "images" key, its only array is used. The npz is read whole.
+
+  Args:
+    path: the input.
+    full_names: name entries by their path (`path` joined with the file's
+      path under it) rather than relative to `path` (a file: its basename;
+      an npz image: "<file name>[i]" or its "names" entry).
+
+  Returns:
+    Entries (label 0, empty stamp) for `manifest.decode`: file sources, or
+    functions returning an npz image's pixels.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: an npz without a usable image array.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Input not found: {path}")
+  if os.path.isdir(path):
+    entries = []
+    for root, dirs, files in os.walk(path):
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+      for f in sorted(files):
+        if f.startswith(".") or not f.lower().endswith(IMAGE_EXTENSIONS):
+          continue
+        full = os.path.join(root, f)
+        rel = os.path.relpath(full, path).replace(os.sep, "/")
+        entries.append(manifest.Entry(full if full_names else rel, 0, full, ""))
+    return entries
+  if path.lower().endswith(".npz"):
+    return _npz_inputs(path, full_names)
+  name = path if full_names else os.path.basename(path)
+  return [manifest.Entry(name, 0, path, "")]
+
+
+def count_other_files(path: str) -> int:
+  """Files under a folder `path` that `find_inputs` leaves out for their
+  extension (not hidden ones); 0 for a file."""
+  if not os.path.isdir(path):
+    return 0
+  n = 0
+  for _, dirs, files in os.walk(path):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    n += sum(
+      1
+      for f in files
+      if not f.startswith(".") and not f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+  return n
+
+
+def _npz_inputs(path: str, full_names: bool) -> list[manifest.Entry]:
+  expected = (
+    f"a key {NPZ_IMAGE_KEY!r} (or a single array) of uint8 [N, H, W],"
+    f" [N, H, W, 1] or [N, H, W, 3], and optionally {NPZ_NAMES_KEY!r} [N] str"
+  )
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      arrays = {k: npz[k] for k in npz.files}
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    raise ValueError(f"Cannot read npz {path}: {e}") from e
+  key = NPZ_IMAGE_KEY if NPZ_IMAGE_KEY in arrays else None
+  if key is None and len(arrays) == 1:
+    key = next(iter(arrays))
+  if key is None:
+    raise ValueError(
+      f"{path}: expected {expected}; keys found: {sorted(arrays)}"
+    )
+  images, names = arrays[key], arrays.get(NPZ_NAMES_KEY)
+  ok = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
+  if images.dtype != np.uint8 or not ok:
+    raise ValueError(
+      f"{path}: {key!r} is {images.dtype} {list(images.shape)}; expected"
+      f" {expected}"
+    )
+  base = path if full_names else os.path.basename(path)
+  if names is None:
+    names = [f"{base}[{i}]" for i in range(len(images))]
+  else:
+    names = [str(n) for n in np.asarray(names).ravel()]
+    if len(names) != len(images) or len(set(names)) != len(names):
+      raise ValueError(
+        f"{path}: {NPZ_NAMES_KEY!r} must hold {len(images)} distinct names,"
+        f" got {len(names)} ({len(set(names))} distinct)"
+      )
+  return [
+    manifest.Entry(name, 0, lambda i=i: images[i], "")
+    for i, name in enumerate(names)
+  ]
+
+
+def _decode(entry: manifest.Entry, size: int, channels: int):
+  """(pixels [S, S, C] uint8, None) or (None, "ErrorType: message")."""
+  try:
+    return manifest.decode(entry, size, channels), None
+  except Exception as e:  # noqa: BLE001 - one bad file never stops a batch
+    return None, f"{type(e).__name__}: {e}"
+
+
+@dataclasses.dataclass
+class Batch:
+  """One batch of `TrainedModel.iter_predict`.
+
+  Attributes:
+    rows: one dict per input, in order (see `TrainedModel.predict`).
+    ok: indices into `rows` of the images that were decoded and scored.
+    images: uint8 [len(ok), S, S, C], as decoded.
+    maps: {name: float32 [len(ok), S, S]}.
+  """
+
+  rows: list[dict]
+  ok: list[int]
+  images: np.ndarray
+  maps: dict[str, np.ndarray]
+
+
+# ------------------------------------------------------------------ model
+
+
+class _LazyData:
+  """The run's data, loaded (`Method.load_data`) on first attribute read.
+
+  `score_context` gets this instead of the data, so that only a method
+  whose context needs the data (D²4FAD's support set) pays for loading it.
+  """
+
+  def __init__(self, method: api.Method, config, workdir: str):
+    self._args = (method, config, workdir)
+    self._data = None
+
+  @property
+  def loaded(self) -> bool:
+    return self._data is not None
+
+  def __getattr__(self, name: str):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    if self._data is None:
+      method, config, workdir = self._args
+      self._data = method.load_data(config, workdir)
+    return getattr(self._data, name)
+
+
+class TrainedModel:
+  """A trained run, ready to score images (see `load`).
+
+  Attributes:
+    workdir: the run's directory.
+    config: its ConfigDict (W/config.json; mesh.data and eval.batch_size as
+      `load` set them).
+    method: the `api.Method`.
+    model: the trained `api.Model` (replicated over `mesh`).
+    mesh: the device mesh the batches are split over.
+    context: the method's score context, computed once.
+    score_names: the method's scores, in display order.
+    map_names: the scores that have pixel maps ([N, S, S] float).
+    threshold: {score: float or None}: the calibrated decision threshold of
+      W/eval.json (abnormal = score > threshold); None without one.
+    calibration: {score: sorted float32 [NC]}: the calibration normals'
+      scores (W/calibration_scores.npz); {} without them.
+    batch_size: images per jitted call (a multiple of the mesh's devices).
+    data_loaded: whether the score context needed the run's data.
+  """
+
+  def __init__(self, workdir: str, config, method, model, mesh, data):
+    self.workdir = workdir
+    self.config = config
+    self.method = method
+    self.model = model
+    self.mesh = mesh
+    self.batch_size = int(config.eval.batch_size)
+    self.score_names = tuple(s.name for s in method.scores(config))
+    self._score = evaluate.score_fn(method, config, mesh)
+    with jax.set_mesh(mesh):
+      self.context = method.score_context(config, model, data)
+      size, c = self.image_size, self.channels
+      shapes = jax.eval_shape(
+        lambda m, ctx, x: method.score(config, m, ctx, x),
+        model,
+        self.context,
+        jax.ShapeDtypeStruct((1, size, size, c), np.uint8),
+      )
+    self.data_loaded = data.loaded
+    self.map_names = tuple(n for n in self.score_names if n in shapes["maps"])
+    self.threshold = read_thresholds(workdir, self.score_names)
+    self.calibration = read_calibration_scores(workdir, self.score_names)
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.data.image_size)
+
+  @property
+  def channels(self) -> int:
+    return int(self.config.data.get("channels", 1))
+
+  @property
+  def input_contract(self) -> dict:
+    """What `score` takes: {"image_size", "channels", "dtype": "uint8",
+    "layout": "NHWC", "value_range": [0, 255], "normalisation", "decode"}."""
+    return input_contract(self.image_size, self.channels)
+
+  def __repr__(self) -> str:
+    return (
+      f"TrainedModel({self.workdir!r}, method={self.config.method!r},"
+      f" scores={list(self.score_names)}, input=uint8"
+      f" [N, {self.image_size}, {self.image_size}, {self.channels}])"
+    )
+
+  def score(self, images) -> dict[str, dict[str, np.ndarray]]:
+    """Scores uint8 images [N, S, S, C] (any N >= 1), in batches.
+
+    Returns:
+      {"scores": {name: float [N]}, "maps": {name: float [N, S, S]}} as
+      numpy arrays; the same numbers as `jaxad.evaluate` for the same
+      images (same function, context and batching).
+
+    Raises:
+      ValueError: images that are not uint8 [N, S, S, C] with the run's
+        S (data.image_size) and C (data.channels), or N = 0.
+    """
+    images = check_images(images, self.image_size, self.channels)
+    if not len(images):
+      raise ValueError("images is empty: N must be >= 1")
+    with jax.set_mesh(self.mesh):
+      return evaluate.score_images(
+        self._score,
+        self.model,
+        self.context,
+        images,
+        self.batch_size,
+        self.mesh,
+      )
+
+  def decide(self, name: str, scores: np.ndarray) -> np.ndarray | None:
+    """bool [N] score > threshold, or None without a threshold."""
+    t = self.threshold.get(name)
+    return None if t is None else np.asarray(scores) > t
+
+  def percentile(self, name: str, scores: np.ndarray) -> np.ndarray | None:
+    """Percent of calibration normals scoring <= each score, or None."""
+    cal = self.calibration.get(name)
+    return None if cal is None or not len(cal) else percentile(cal, scores)
+
+  def columns(self) -> list[str]:
+    """The keys of a `predict` row, in CSV order."""
+    cols = ["file"]
+    for n in self.score_names:
+      cols += [n, f"{n}_abnormal", f"{n}_percentile"]
+    return cols + ["error"]
+
+  def predict(
+    self, paths: str | Sequence[str], *, return_maps: bool = False
+  ) -> list[dict]:
+    """Decodes and scores image files, folders and .npz files.
+
+    Args:
+      paths: one path or several (see `find_inputs`); rows are named by
+        path (a folder's files: the folder joined with their path in it).
+      return_maps: add "maps": {name: float32 [S, S]} to scored rows.
+
+    Returns:
+      One dict per image, in order: "file"; per score `n`: n (float),
+      f"{n}_abnormal" (bool, score > threshold; None without a threshold),
+      f"{n}_percentile" (percent of the calibration normals scoring <= it;
+      None without calibration scores); "error": "" or why the file could
+      not be read (then every score field is None). A bad file never
+      stops the others.
+
+    Raises:
+      FileNotFoundError: a path that does not exist.
+      ValueError: an npz without a usable image array.
+    """
+    if isinstance(paths, str | os.PathLike):
+      paths = [paths]
+    entries = [e for p in paths for e in find_inputs(str(p), full_names=True)]
+    rows = []
+    for batch in self.iter_predict(entries):
+      if return_maps:
+        for j, i in enumerate(batch.ok):
+          batch.rows[i]["maps"] = {k: v[j] for k, v in batch.maps.items()}
+      rows += batch.rows
+    return rows
+
+  def iter_predict(
+    self,
+    entries: Sequence[manifest.Entry],
+    *,
+    workers: int | None = None,
+  ) -> Iterator[Batch]:
+    """`predict`, streamed: one `Batch` per `batch_size` entries.
+
+    Decoding runs in `workers` threads (default: up to 4), one batch ahead
+    of scoring; host memory holds about two batches whatever the input's
+    size.
+    """
+    workers = workers or min(4, os.cpu_count() or 1)
+    size, channels, bs = self.image_size, self.channels, self.batch_size
+    chunks = [entries[i : i + bs] for i in range(0, len(entries), bs)]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+
+      def submit(chunk):
+        return [pool.submit(_decode, e, size, channels) for e in chunk]
+
+      pending = submit(chunks[0]) if chunks else []
+      for k, chunk in enumerate(chunks):
+        decoded = [f.result() for f in pending]
+        pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+        yield self._score_batch(chunk, decoded)
+
+  def _score_batch(self, chunk, decoded) -> Batch:
+    ok = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+    rows = [dict.fromkeys(self.columns()) for _ in chunk]
+    for row, entry, (_, error) in zip(rows, chunk, decoded, strict=True):
+      row["file"] = entry.name
+      row["error"] = error or ""
+    size, c = self.image_size, self.channels
+    images = np.zeros((0, size, size, c), np.uint8)
+    maps = {k: np.zeros((0, size, size), np.float32) for k in self.map_names}
+    if ok:
+      images = np.stack([decoded[i][0] for i in ok])
+      out = self.score(images)
+      maps = {k: np.asarray(v, np.float32) for k, v in out["maps"].items()}
+      for n in self.score_names:
+        s = np.asarray(out["scores"][n], np.float64)
+        abnormal, pct = self.decide(n, s), self.percentile(n, s)
+        for j, i in enumerate(ok):
+          rows[i][n] = float(s[j])
+          rows[i][f"{n}_abnormal"] = (
+            None if abnormal is None else bool(abnormal[j])
+          )
+          rows[i][f"{n}_percentile"] = None if pct is None else float(pct[j])
+    return Batch(rows=rows, ok=ok, images=images, maps=maps)
+
+
+def input_contract(size: int, channels: int) -> dict:
+  """The input contract of a run's scoring function (`TrainedModel`,
+  exported artefacts)."""
+  return {
+    "image_size": size,
+    "channels": channels,
+    "shape": ["N", size, size, channels],
+    "dtype": "uint8",
+    "layout": "NHWC",
+    "value_range": [0, 255],
+    "normalisation": "inside the model (it takes the uint8 pixels)",
+    "decode": (
+      "jaxad.data.manifest.decode: PIL convert('L' if channels == 1 else"
+      " 'RGB'), then a bilinear resize to image_size x image_size"
+    ),
+  }
+
+
+def load(
+  workdir: str,
+  *,
+  batch_size: int | None = None,
+  mesh_data: int = -1,
+) -> TrainedModel:
+  """The trained run in `workdir`, ready to score.
+
+  Restores W's latest checkpoint with W/config.json's config (the model
+  `init_state` builds, for methods that do not train), and computes the
+  method's score context once. Only a method whose context reads the run's
+  data (D²4FAD: its support set) loads it, as `jaxad.evaluate` does (the
+  prepared dataset cache, or preparing it again: the data must be where
+  the run found it); the others never touch the data.
+
+  Args:
+    workdir: the `--workdir` of `python -m jaxad.train`.
+    batch_size: images per jitted call; default the run's eval.batch_size.
+      The last batch of a call is padded to it (one compiled program).
+    mesh_data: devices to split batches over; -1 = all local devices.
+
+  Raises:
+    FileNotFoundError: no W/config.json, or no checkpoint for a method
+      that trains.
+    ValueError: a batch size the devices do not divide.
+  """
+  config = read_config(workdir)
+  config.mesh.data = mesh_data
+  if batch_size is not None:
+    config.eval.batch_size = int(batch_size)
+  mesh = sharding.make_mesh(config.mesh)
+  n = mesh.shape[api.DATA_AXIS]
+  if config.eval.batch_size < 1 or config.eval.batch_size % n:
+    raise ValueError(
+      f"batch_size={config.eval.batch_size} must be a positive multiple of"
+      f" the {n} devices (mesh_data={mesh_data}); pass batch_size="
+      f"{-(-max(config.eval.batch_size, 1) // n) * n} or mesh_data=1"
+    )
+  method, model, mesh = evaluate.restore(config, workdir)
+  data = _LazyData(method, config, workdir)
+  return TrainedModel(workdir, config, method, model, mesh, data)
