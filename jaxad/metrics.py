@@ -19,6 +19,18 @@ from sklearn import metrics as skm
 _REGIONS_8 = np.pad(np.ones((1, 3, 3), np.int32), ((1, 1), (0, 0), (0, 0)))
 
 
+def _matching(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+  """(float64 scores, labels) as arrays; ValueError unless both are [N]."""
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels)
+  if scores.shape != labels.shape or scores.ndim != 1:
+    raise ValueError(
+      f"scores {scores.shape} and labels {labels.shape} must "
+      "be matching 1-d arrays"
+    )
+  return scores, labels
+
+
 def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   """AUROC and average precision of image scores (higher = more anomalous).
 
@@ -29,13 +41,7 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   Returns:
     {"auroc": float, "ap": float}.
   """
-  scores = np.asarray(scores, np.float64)
-  labels = np.asarray(labels)
-  if scores.shape != labels.shape or scores.ndim != 1:
-    raise ValueError(
-      f"scores {scores.shape} and labels {labels.shape} must "
-      "be matching 1-d arrays"
-    )
+  scores, labels = _matching(scores, labels)
   if not np.all(np.isfinite(scores)):
     raise ValueError(
       f"{int(np.sum(~np.isfinite(scores)))} scores are not finite"
@@ -63,17 +69,12 @@ def decision_metrics(
       F1 and accuracy at 0.5 on its softmax probabilities, METHODS.md 3.7).
 
   Returns:
-    {"decision_threshold", "f1" (abnormal = positive), "accuracy", "sensitivity"
-    (abnormal recall), "specificity" (normal recall)}; a class absent from
+    {"decision_threshold", "f1" (abnormal = positive), "accuracy",
+    "sensitivity" (abnormal recall), "specificity" (normal recall)}; a
+    class absent from
     `labels` gives NaN for its recall.
   """
-  scores = np.asarray(scores, np.float64)
-  labels = np.asarray(labels)
-  if scores.shape != labels.shape or scores.ndim != 1:
-    raise ValueError(
-      f"scores {scores.shape} and labels {labels.shape} must "
-      "be matching 1-d arrays"
-    )
+  scores, labels = _matching(scores, labels)
   decided = (scores > threshold).astype(labels.dtype)
 
   def recall(c: int) -> float:

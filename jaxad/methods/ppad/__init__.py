@@ -39,6 +39,7 @@ from absl import logging
 from flax import nnx
 
 from jaxad import weights
+from jaxad.data import oneclass
 from jaxad.methods import api
 from jaxad.methods.ppad import prompts, sas
 from jaxad.models import clip as clip_model
@@ -70,7 +71,7 @@ class PPADData:
 
   def __post_init__(self):
     if self.calibration is None:
-      empty = np.zeros((0, *np.shape(self.test)[1:]), np.uint8)
+      empty = oneclass.no_calibration(self.test)
       object.__setattr__(self, "calibration", empty)
 
 
@@ -247,7 +248,7 @@ class PPAD(api.Defaults):
     data.shot_seed) from the known normals, recorded in W/shots.json; the
     calibration normals, `eval.calibration_fraction` of the known normals
     that are not shots (seeded by data.split_seed), in W/split.json."""
-    from jaxad.data import oneclass, splits
+    from jaxad.data import splits
 
     fraction = float(config.eval.calibration_fraction)
     splits.check_calibration_fraction(fraction)  # before anything is written
@@ -295,7 +296,6 @@ class PPAD(api.Defaults):
     )
 
   def synthetic_data(self, config: mlc.ConfigDict, num_images: int) -> PPADData:
-    from jaxad.data import oneclass
 
     data = oneclass.synthetic(config.data, max(num_images, config.data.shots))
     return PPADData(
