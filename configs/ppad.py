@@ -21,9 +21,9 @@ Config arguments (`configs/ppad.py:arg1,arg2`): `paper` (the default:
 the paper's 64 shots, 100 steps, 224 px), `zero_shot` (above), `offline`
 (a RANDOM ViT-B/32-sized CLIP, logged: runnable without downloads, e.g.
 for `jaxad.bench`; not the paper's setting and not its results), `smoke`
-(the TINY random CLIP of ../shared/golden at 64 px, 16 shots, 3 steps, on
-../shared/data's Kermany set: a quick check whose AUROC means nothing;
-skipped by the tests when ../shared is absent).
+(the TINY random CLIP of ../shared/golden at 64 px, 16 shots, 3 epochs
+of 2 steps, on ../shared/data's Kermany set: a quick check whose AUROC
+means nothing; skipped by the tests when ../shared is absent).
 """
 
 import os

@@ -17,6 +17,7 @@ differ from the trained run's). Writes:
   chosen on the calibration normals' scores alone
   (`metrics.threshold_at_specificity`, never on the test set) and the test
   set's sensitivity and specificity there (abnormal = score > threshold);
+* `W/eval_config.json`: the config it was scored with;
 * `W/scores.npz`: per-image scores, labels and names;
 * `W/calibration_scores.npz`: {score name: [NC] float32, "names": [NC]},
   the calibration normals' scores (a new image's percentile among them);
@@ -45,6 +46,8 @@ from jaxad import (
   sharding,
 )
 from jaxad.methods import api
+
+EVAL_CONFIG = "eval_config.json"
 
 
 def score_fn(method: api.Method, config: mlc.ConfigDict, mesh):
@@ -197,6 +200,11 @@ def evaluate(
     write_calibration_scores(workdir, calibration, data.calibration_names)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=2)
+    # The config this eval.json was scored with (a re-score may change the
+    # scoring inputs, e.g. a support set): what jaxad.load/predict use, so
+    # that their scores match the thresholds beside them.
+    with open(os.path.join(workdir, EVAL_CONFIG), "w") as f:
+      f.write(config.to_json(indent=2))
     np.savez(
       os.path.join(workdir, "scores.npz"),
       labels=labels,

@@ -47,19 +47,25 @@ NPZ_NAMES_KEY = "names"
 
 
 def read_config(workdir: str) -> mlc.ConfigDict:
-  """The run's config, W/config.json, as a ConfigDict.
+  """The config of W's last evaluation (W/eval_config.json), else the run's
+  (W/config.json), as a ConfigDict.
 
-  Keys that were added to jaxad after the run was written
+  The last evaluation's config carries the scoring inputs that W/eval.json's
+  thresholds and W/calibration_scores.npz were computed with (a re-score
+  may have changed them, e.g. D²4FAD's support set), so predictions match
+  them. Keys that were added to jaxad after the run was written
   (`configlib.ADDED_KEYS`) get the value that reproduces what the run did.
 
   Raises:
-    FileNotFoundError: W/config.json does not exist.
+    FileNotFoundError: W has neither file.
   """
-  path = os.path.join(workdir, "config.json")
-  if not configlib.stored_config(workdir):
+  path = os.path.join(workdir, evaluate.EVAL_CONFIG)
+  if not os.path.isfile(path):
+    path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
     raise FileNotFoundError(
-      f"No run config in {path}: W must be the --workdir of a finished"
-      " python -m jaxad.train"
+      f"No run config in {workdir} (config.json or {evaluate.EVAL_CONFIG}):"
+      " W must be the --workdir of python -m jaxad.train or jaxad.evaluate"
     )
   with open(path) as f:
     config = json.load(f)

@@ -25,6 +25,7 @@ from absl.testing import absltest, parameterized
 from data_test import KERMANY, SHARED
 from weights_test import _tensor, torch_save
 
+import jaxad
 from configs import ppad as ppad_config
 from jaxad import evaluate, loop, sharding, train
 from jaxad.methods import ppad
@@ -176,6 +177,11 @@ class ZeroShotTest(TempDirTestCase):
     again = evaluate.evaluate(config, fresh, method, model, data, mesh)
     self.assertEqual(again, result)
     self.assertFalse(os.path.exists(os.path.join(fresh, "checkpoints")))
+    # jaxad.load (predict, export) on a workdir only jaxad.evaluate wrote.
+    loaded = jaxad.load(fresh, mesh_data=1)
+    np.testing.assert_allclose(
+      loaded.score(data.test[:4])["scores"]["zero_shot"], z[:4], rtol=1e-5
+    )
     # ... and on the train run's workdir (its config.json agrees).
     _, model, _ = evaluate.restore(config, work)
     jax.tree.map(

@@ -291,20 +291,24 @@ class PredictTest(absltest.TestCase):
       jaxad.load(WORKDIR, batch_size=3, mesh_data=2)
 
   def test_readme_api_example(self):
-    workdir, folder = WORKDIR, self.folder
-    # --- the README's "Using a trained model" example, as it is there:
-    import jaxad
-
-    model = jaxad.load(workdir)  # a --workdir of python -m jaxad.train
-    print(model.input_contract)  # uint8 [N, S, S, C] NHWC, size, channels
-    name = model.score_names[-1]  # the method's last (headline) score
-    for row in model.predict([folder]):  # image files, folders, .npz files
-      print(row["file"], row[name], row[f"{name}_abnormal"], row["error"])
-    s, c = model.input_contract["image_size"], model.input_contract["channels"]
-    out = model.score(np.zeros((2, s, s, c), np.uint8))  # uint8 images
-    print(out["scores"][name].shape, out["maps"][name].shape)  # [N], [N, S, S]
-    print(model.threshold)  # {score: calibrated threshold, or None}
-    # ---
+    # The README's "Using a trained model" example, exactly as it is there,
+    # with its placeholder workdir and folder pointed at this test's.
+    readme = os.path.join(
+      os.path.dirname(os.path.dirname(__file__)), "README.md"
+    )
+    with open(readme) as f:
+      text = f.read()
+    marker = "From Python (`tests/predict_test.py` runs this example):"
+    block = text.split(marker, 1)[1].split("```python\n", 1)[1]
+    block = block.split("```", 1)[0]
+    placeholder = 'workdir, folder = "W", "scans/"'
+    self.assertIn(placeholder, block)
+    block = block.replace(
+      placeholder, f"workdir, folder = {WORKDIR!r}, {self.folder!r}"
+    )
+    scope = {}
+    exec(compile(block, "README.md example", "exec"), scope)
+    out, name, s = scope["out"], scope["name"], scope["s"]
     self.assertEqual(out["scores"][name].shape, (2,))
     self.assertEqual(out["maps"][name].shape, (2, s, s))
 
