@@ -7,7 +7,12 @@ from ml_collections import config_flags
 
 # lock_config: a misspelt --config.key override is an error, not a new key.
 CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, configs/<method>.py[:arg].", lock_config=True
+  "config",
+  None,
+  "Config file, configs/<method>.py[:arg1,arg2]; override any key with"
+  " --config.<key>=<value>. Every key is documented with a comment in the"
+  " config file (configs/ddad.py, multiad.py, d24fad.py, ppad.py).",
+  lock_config=True,
 )
 WORKDIR = flags.DEFINE_string(
   "workdir", None, "Run directory: checkpoints, logs, eval.json."

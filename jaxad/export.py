@@ -313,7 +313,9 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
 
-  from jaxad import cli  # noqa: F401 - defines --workdir (--config unused)
+  from jaxad import cli  # defines --workdir (--config unused)
+
+  flags.adopt_module_key_flags(cli)  # --help lists --workdir
 
   _OUTPUT = flags.DEFINE_string(
     "output", None, "The artefact's path; default W/model.jaxexport."

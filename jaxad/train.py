@@ -7,6 +7,7 @@ crash or Ctrl-C) and ends with the same W/eval.json as an uninterrupted run.
 """
 
 import os
+import sys
 
 import ml_collections as mlc
 from absl import app, flags
@@ -69,9 +70,14 @@ def main(argv):
   del argv
   cli.setup_logging()
   sharding.initialize_distributed()
-  run(cli.CONFIG.value, cli.WORKDIR.value)
+  try:
+    run(cli.CONFIG.value, cli.WORKDIR.value)
+  except KeyboardInterrupt:
+    # The loop has logged where it stopped and how to resume: no traceback.
+    sys.exit(130)
 
 
 if __name__ == "__main__":
+  flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

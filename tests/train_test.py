@@ -187,6 +187,11 @@ class CommandLineTest(absltest.TestCase):
     self.assertNotEqual(out.returncode, 0)
     self.assertIn("epochz", out.stderr)
 
+  def test_help_lists_the_shared_flags(self):
+    out = run_cli("--help")  # absl exits with 1 after printing the usage
+    for flag in ("--config", "--workdir", "--config.<key>=<value>"):
+      self.assertIn(flag, out.stdout)
+
   def test_unknown_config_argument(self):
     out = run_cli(
       "--config",
