@@ -265,6 +265,14 @@ def load_exported(path: str, *, batch_size: int | None = None) -> ExportedModel:
   if os.path.exists(path + ".json"):
     with open(path + ".json") as f:
       meta = json.load(f)
+  else:
+    from absl import logging
+
+    logging.warning(
+      "%s.json is missing: no thresholds, score names or input contract;"
+      " scores only (keep the JSON beside the artefact)",
+      path,
+    )
   try:
     exported = jax.export.deserialize(bytearray(blob))
   except Exception as e:  # flatbuffers raises assorted errors on bad bytes
