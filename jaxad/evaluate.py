@@ -24,11 +24,13 @@ differ from the trained run's). Writes:
   absent without calibration normals;
 * `W/maps.npz`: the pixel maps of every score, float16 [N, S, S];
 * with --report, `W/report/` (jaxad.report: ROC curves, histograms, map
-  overlays, index.html).
+  overlays, index.html); without it, an earlier `W/report/` is removed, so
+  no report describes another evaluation than eval.json.
 """
 
 import json
 import os
+import shutil
 
 import jax
 import ml_collections as mlc
@@ -227,6 +229,16 @@ def evaluate(
       config,
     )
     logging.info("Report written to %s/index.html", path)
+  elif jax.process_index() == 0 and os.path.isdir(
+    report_dir := os.path.join(workdir, "report")
+  ):
+    # A report beside a newer eval.json would show other numbers.
+    shutil.rmtree(report_dir)
+    logging.warning(
+      "Removed the previous %s: it showed another evaluation (pass"
+      " --report to write one for this)",
+      report_dir,
+    )
   return result
 
 

@@ -174,8 +174,11 @@ class ZeroShotTest(TempDirTestCase):
     method, model, mesh = evaluate.restore(config, fresh)
     self.assertIs(method, METHOD)
     data = method.load_data(config, fresh)
+    stale = os.path.join(fresh, "report")  # an earlier evaluation's report
+    os.makedirs(stale)
     again = evaluate.evaluate(config, fresh, method, model, data, mesh)
     self.assertEqual(again, result)
+    self.assertFalse(os.path.exists(stale))  # removed: it showed other numbers
     self.assertFalse(os.path.exists(os.path.join(fresh, "checkpoints")))
     # jaxad.load (predict, export) on a workdir only jaxad.evaluate wrote.
     loaded = jaxad.load(fresh, mesh_data=1)
