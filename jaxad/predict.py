@@ -45,6 +45,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxad import cli, inference
+from jaxad.data import inputs, manifest
 
 MAP_NAMES_KEY = "__map_names__"
 OVERLAY_PERCENTILES = (0.5, 99.5)
@@ -216,7 +217,8 @@ def predict(
 
   Args:
     trained: `jaxad.load(W)`.
-    input_path: an image file, a folder or an .npz (`inference.find_inputs`).
+    input_path: an image file, a folder or an .npz
+      (`jaxad.data.inputs.find_inputs`).
     output: the folder for predictions.csv, maps.npz, summary.json and
       overlays/.
     overlays: also write overlays/<file>.png (needs matplotlib).
@@ -231,12 +233,12 @@ def predict(
   """
   if overlays:
     _figure_class()  # fail before any work without matplotlib
-  entries = inference.find_inputs(input_path)
-  other = inference.count_other_files(input_path)
+  entries = inputs.find_inputs(input_path)
+  other = inputs.count_other_files(input_path)
   if not entries:
     raise ValueError(
       f"No image in {input_path} (extensions"
-      f" {'/'.join(e[1:] for e in inference.IMAGE_EXTENSIONS)}, any case;"
+      f" {'/'.join(e[1:] for e in manifest.IMAGE_EXTENSIONS)}, any case;"
       f" {other} other files)"
     )
   if other:

@@ -17,8 +17,8 @@ from absl.testing import absltest
 from predict_test import embedded_test_images, trained_run
 
 import jaxad
-from jaxad import export, inference
-from jaxad.data import manifest
+from jaxad import export
+from jaxad.data import inputs, manifest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def setUpModule():
   np.savez(path, images=raw[::9])
   size, channels = MODEL.image_size, MODEL.channels
   IMAGES = np.stack(
-    [manifest.decode(e, size, channels) for e in inference.find_inputs(path)]
+    [manifest.decode(e, size, channels) for e in inputs.find_inputs(path)]
   )
 
 

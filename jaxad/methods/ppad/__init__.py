@@ -35,23 +35,15 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 
-from jaxad import weights
 from jaxad.data import oneclass
 from jaxad.methods import api
-from jaxad.methods.ppad import prompts, sas
+from jaxad.methods.ppad import frozen_clip, prompts, sas
 from jaxad.models import clip as clip_model
 from jaxad.models import clip_tokenizer
-from jaxad.weights import clip as clip_weights
 
 MODES = ("ppad", "zero_shot")
-CHEXZERO = (
-  "the CheXzero checkpoint best_64_0.0001_original_35000_0.864.pt "
-  "(https://github.com/rajpurkarlab/CheXzero, README: model weights), or "
-  "any CLIP state dict in OpenAI's key layout"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,65 +83,6 @@ def optimizer(config, num_steps: int) -> optax.GradientTransformation:
 
 def _num_steps(config) -> int:
   return int(config.epochs) * _steps_per_epoch(config)
-
-
-RANDOM = "random"
-
-
-@functools.lru_cache(maxsize=2)
-def _load_clip(path: str, fp16_round: bool, arch: str, seed: int):
-  """(CLIPConfig, params) of a checkpoint, or a seeded random CLIP of
-  `arch` (`models.clip.ARCHITECTURES`) when path is "random"."""
-  if path != RANDOM:
-    return clip_weights.load(path, fp16_round=fp16_round)
-  logging.warning(
-    "PPAD: the frozen CLIP is RANDOMLY INITIALISED (%s, model.clip_weights="
-    "random): not CheXzero, not the paper's setting, and its results are"
-    " not PPAD's.",
-    arch,
-  )
-  config = clip_model.ARCHITECTURES[arch]
-  model = jax.jit(
-    lambda: nnx.split(clip_model.CLIP(config, rngs=nnx.Rngs(seed)))[1]
-  )()
-  return config, jax.device_get(model.to_pure_dict())
-
-
-def _clip_graphdef(config, clip_config):
-  abstract = nnx.eval_shape(
-    lambda: clip_model.CLIP(
-      clip_config,
-      compute_dtype=config.model.compute_dtype,
-      rngs=nnx.Rngs(0),
-    )
-  )
-  return nnx.graphdef(abstract)
-
-
-def read_prompts(path: str, ctx_shape, mask_shape) -> tuple[np.ndarray, ...]:
-  """(ctx, mask_embedding) float32 of a released PPAD prompt checkpoint.
-
-  Reads only `prompt_learner_ctx.ctx` and `image_mask_learner.
-  mask_embedding` (the file also holds a full CLIP copy, §3.10 bug 10),
-  with jaxad's restricted unpickler (no torch, no arbitrary code).
-
-  Raises:
-    ValueError: a key is absent or its shape is not the model's.
-  """
-  sd = weights.read_state_dict(path)
-  out = []
-  for key, shape in (
-    ("prompt_learner_ctx.ctx", ctx_shape),
-    ("image_mask_learner.mask_embedding", mask_shape),
-  ):
-    if key not in sd:
-      raise ValueError(f"{path}: no {key} (a PPAD prompt checkpoint has it)")
-    if tuple(sd[key].shape) != tuple(shape):
-      raise ValueError(
-        f"{path}: {key} has shape {sd[key].shape}; this CLIP needs {shape}"
-      )
-    out.append(np.asarray(sd[key], np.float32))
-  return tuple(out)
 
 
 def _prompt_constants(config):
@@ -201,16 +134,19 @@ class PPAD(api.Defaults):
     if not m.clip_weights:
       raise ValueError(
         "config.model.clip_weights is empty: PPAD needs a frozen CLIP,"
-        f" {CHEXZERO}"
+        f" {frozen_clip.CHEXZERO}"
       )
-    if m.clip_weights == RANDOM and m.clip_arch not in clip_model.ARCHITECTURES:
+    if (
+      m.clip_weights == frozen_clip.RANDOM
+      and m.clip_arch not in clip_model.ARCHITECTURES
+    ):
       raise ValueError(
         f"config.model.clip_arch={m.clip_arch!r}; valid:"
         f" {list(clip_model.ARCHITECTURES)}"
       )
     for key in ("clip_weights", "prompts_checkpoint"):
       path = m[key]
-      if path and path != RANDOM and not os.path.isfile(path):
+      if path and path != frozen_clip.RANDOM and not os.path.isfile(path):
         raise FileNotFoundError(f"config.model.{key}: no file {path}")
     if m.mode == "zero_shot" and m.prompts_checkpoint:
       raise ValueError(
@@ -312,7 +248,7 @@ class PPAD(api.Defaults):
     """The frozen CLIP from `model.clip_weights`, fresh (or imported)
     prompts and their SGD state."""
     self.check_config(config)
-    clip_config, clip_params = _load_clip(
+    clip_config, clip_params = frozen_clip.load_clip(
       config.model.clip_weights,
       bool(config.model.clip_fp16_round),
       config.model.clip_arch,
@@ -332,7 +268,7 @@ class PPAD(api.Defaults):
       rngs=nnx.Rngs(config.seed),
     )
     if config.model.prompts_checkpoint:
-      ctx, mask = read_prompts(
+      ctx, mask = frozen_clip.read_prompts(
         config.model.prompts_checkpoint,
         learner.ctx.shape,
         learner.mask_embedding.shape,
@@ -349,7 +285,7 @@ class PPAD(api.Defaults):
       frozen={"clip": {"params": clip_params, "batch_stats": {}}},
       graphdefs={
         "prompts": nnx.graphdef(learner),
-        "clip": _clip_graphdef(config, clip_config),
+        "clip": frozen_clip.clip_graphdef(config, clip_config),
       },
     )
 
