@@ -5,8 +5,10 @@ r"""Scores the test split with a trained state and writes WORKDIR/eval.json.
 restores the latest checkpoint in W (trained by `jaxad.train` with the same
 config) and re-scores without training (`eval.target_specificity` may
 differ from the trained run's). Writes:
-* `W/eval.json`: {"dataset", "num_normal", "num_abnormal",
-  "scores": {name: {"auroc", "ap"}}}, plus "f1", "accuracy",
+* `W/eval.json`: {"dataset", "headline" (the method's headline score, its
+  last), "num_normal", "num_abnormal", "scores": {name: {"auroc", "ap"}},
+  "run" (`run_info.describe`: method, config hash, versions, commit,
+  backend, devices, wall-clock per phase)}, plus "f1", "accuracy",
   "sensitivity", "specificity" at "decision_threshold" for a score with a
   fixed threshold (`api.Score.threshold`); for data with pixel masks
   (mvtec, bmad, mtd) every score also gets "pixel_auroc" and "aupro" (FPR
@@ -31,6 +33,7 @@ differ from the trained run's). Writes:
 import json
 import os
 import shutil
+import time
 
 import jax
 import ml_collections as mlc
@@ -45,6 +48,7 @@ from jaxad import (
   methods,
   metrics,
   report,
+  run_info,
   sharding,
 )
 from jaxad.methods import api
@@ -153,6 +157,7 @@ def evaluate(
   scores.npz, calibration_scores.npz, maps.npz (and the visual report with
   `write_report`); returns the eval.json content."""
   check_scores(method, config, model, data, mesh)
+  t_start = time.perf_counter()
   b = config.eval.batch_size
   with jax.set_mesh(mesh):
     context = method.score_context(config, model, data)
@@ -167,6 +172,7 @@ def evaluate(
   labels = np.asarray(data.test_labels)
   result = {
     "dataset": data.name,
+    "headline": order[-1],
     "num_normal": int(np.sum(labels == 0)),
     "num_abnormal": int(np.sum(labels == 1)),
     "scores": {
@@ -198,6 +204,9 @@ def evaluate(
         labels,
         config.eval.target_specificity,
       )
+  result["run"] = run_info.describe(
+    config, workdir, seconds={"evaluate": time.perf_counter() - t_start}
+  )
   if jax.process_index() == 0:
     write_calibration_scores(workdir, calibration, data.calibration_names)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -262,6 +271,12 @@ def write_calibration_scores(
   )
 
 
+def without_run(result: dict) -> dict:
+  """eval.json without its "run" record (wall-clock, commit): what two
+  evaluations of the same checkpoint and data have equal."""
+  return {k: v for k, v in result.items() if k != "run"}
+
+
 def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """[N, h, w] maps -> [N, H, W] (`size`), bilinear with half-pixel centres.
 
@@ -287,7 +302,12 @@ def format_table(result: dict) -> str:
   header += f" {'pAUROC':>7} {'AUPRO':>7}" if pixel else ""
   header += f" {'threshold':>10} {'sens':>6} {'spec':>6}" if calibrated else ""
   lines = [header]
-  for name, m in result["scores"].items():
+  names = list(result["scores"])
+  if result.get("headline") in names:  # the headline score first
+    names.remove(result["headline"])
+    names.insert(0, result["headline"])
+  for name in names:
+    m = result["scores"][name]
     line = f"{name:<10} {m['auroc']:>7.4f} {m['ap']:>7.4f}"
     if pixel:
       line += f" {m['pixel_auroc']:>7.4f} {m['aupro']:>7.4f}"
@@ -308,6 +328,15 @@ def format_table(result: dict) -> str:
       f"(threshold: target specificity {c['target_specificity']:g} on"
       f" {c['num_calibration']} calibration normals, never the test set;"
       " sens/spec: test set, abnormal = score > threshold)"
+    )
+  if "run" in result:
+    r = result["run"]
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items())
+    lines.append(
+      f"({r['method']}, config {r['config_sha256'][:12]}, jaxad"
+      f" {r['versions']['jaxad']} {r['commit'] or ''}, jax"
+      f" {r['versions']['jax']} on {r['num_devices']} {r['backend']}"
+      f" device(s); {seconds})"
     )
   return "\n".join(lines)
 

@@ -403,7 +403,10 @@ class Method(Protocol):
     """The training phases with raw step functions, run in order."""
 
   def scores(self, config: Config) -> tuple[Score, ...]:
-    """The scores `score` returns, in display order (refined last)."""
+    """The scores `score` returns, from the simplest (e.g. a baseline) to
+    the method's headline score, which is last (e.g. DDAD's refined or
+    inter-discrepancy score): eval.json records it as "headline" and the
+    results table shows it first."""
 
   def score_context(self, config: Config, model: Model, data: EvalData) -> Any:
     """Computed once per evaluation and passed to every `score` call."""
