@@ -24,9 +24,10 @@ W/predictions/<input name>-<time>) receives:
 * `summary.json`: counts (images, scored, unreadable, abnormal per score),
   the unreadable files, thresholds, images/s;
 * with --overlays, `overlays/<file>.png`: the image and each map overlaid,
-  on one colour scale per map for the whole run (p0.5..p99.5 of the run's
-  test maps, W/maps.npz, or each image's min..max without it), stated
-  under each panel.
+  on one colour scale per map for the whole run, the same as the report's
+  (`jaxad.map_colours`: p0.5..p99.5 of the run's test maps, W/maps.npz,
+  first 512 images; each image's min..max without it), stated under each
+  panel.
 
 Progress and images/s are logged every 10 s.
 """
@@ -44,11 +45,11 @@ import zipfile
 import numpy as np
 from absl import app, flags, logging
 
-from jaxad import cli, inference
+from jaxad import cli, inference, map_colours
 from jaxad.data import inputs, manifest
 
 MAP_NAMES_KEY = "__map_names__"
-OVERLAY_PERCENTILES = (0.5, 99.5)
+OVERLAY_PERCENTILES = map_colours.MAP_PERCENTILES  # the report's
 # Test maps read from W/maps.npz for the overlays' colour scales.
 _SCALE_SAMPLE = 512
 
@@ -119,16 +120,18 @@ def read_test_maps(workdir: str, name: str, limit: int = _SCALE_SAMPLE):
 
 
 def colour_scales(trained: inference.TrainedModel) -> dict:
-  """{map name: (lo, hi) or None}: the overlays' fixed colour scales, the
-  OVERLAY_PERCENTILES of the run's test maps; None: per image min..max."""
+  """{map name: map_colours.Scale or None}: the overlays' fixed colour
+  scales, the OVERLAY_PERCENTILES of the run's test maps (as the report's);
+  None: per image min..max."""
   scales = {}
   for name in trained.map_names:
     maps = read_test_maps(trained.workdir, name)
     scales[name] = None
     if maps is not None and maps.size:
-      lo, hi = np.percentile(maps.astype(np.float32), OVERLAY_PERCENTILES)
-      if hi > lo:
-        scales[name] = (float(lo), float(hi))
+      with contextlib.suppress(ValueError):  # no finite value: per image
+        scales[name] = map_colours.colour_scale(
+          maps, OVERLAY_PERCENTILES, "the run's test maps"
+        )
   return scales
 
 
@@ -165,16 +168,12 @@ def write_overlay(
   axes[0].set_title(file if len(file) <= 32 else "..." + file[-29:], fontsize=9)
   for ax, name in zip(axes[1:], names, strict=True):
     m = maps[name]
-    scale = scales.get(name)
-    lo, hi = scale if scale else (float(m.min()), float(m.max()))
-    if scale:
-      p0, p1 = OVERLAY_PERCENTILES
-      how = f"clipped: p{p0:g}..p{p1:g} of the run's test maps"
-    else:
-      how = "this image's min..max"
+    scale = scales.get(name) or map_colours.Scale(
+      float(m.min()), float(m.max()), "this image's min..max", "neither"
+    )
     ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
-    im = ax.imshow(m, cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
-    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    im = ax.imshow(m, vmin=scale.lo, vmax=scale.hi, **map_colours.OVERLAY)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, extend=scale.extend)
     bar.ax.tick_params(labelsize=8)
     title = f"{name} = {row[name]:.4g}"
     if row.get(f"{name}_abnormal") is not None:
@@ -182,7 +181,7 @@ def write_overlay(
     if row.get(f"{name}_percentile") is not None:
       title += f"\n{row[f'{name}_percentile']:.1f}th pct of normals"
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel(f"colour scale {lo:.3g}..{hi:.3g}\n({how})", fontsize=8)
+    ax.set_xlabel(map_colours.scale_label(name, scale), fontsize=8)
   for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
