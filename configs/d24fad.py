@@ -50,7 +50,10 @@ def _shared_sources(*names: str) -> list[dict]:
       format="folders", root=os.path.join(SHARED_DATA, "kermany_cxr_224")
     ),
     "mtd": dict(
-      format="mtd", root=os.path.join(SHARED_DATA, "magnetic_tile_defects")
+      format="mtd",
+      root=os.path.join(SHARED_DATA, "magnetic_tile_defects"),
+      # 4 MT_Uneven defect images have empty masks: left out, as logged.
+      skip_unreadable=True,
     ),
     "isic2017": dict(
       format="folders",
@@ -98,6 +101,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     image_size=128,
     channels=3,  # RGB, as the original
     cache_dir="",  # prepared datasets; "" = $JAXAD_DATA_DIR or ~/.cache/jaxad
+    # >8-bit, float and DICOM pixels to uint8: "auto" (a DICOM's window,
+    # else per-image min-max) | "minmax" | "window:LOW,HIGH" (fixed)
+    intensity="auto",
+    # Keep images found in two splits (a warning) instead of refusing.
+    allow_duplicates=False,
   )
   c.model = dict(
     variant="wide_resnet50_2",  # the frozen teacher (torchvision layout)
@@ -132,7 +140,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # re-scores (jaxad.evaluate) without retraining.
     target_specificity=0.95,
   )
-  c.mesh = dict(data=-1)
+  c.mesh = dict(data=-1, member=1)
 
   if arg.shared:  # the real sets in ../shared/data, every one an entry
     c.data.sources = _shared_sources(

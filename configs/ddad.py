@@ -42,6 +42,18 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     anomaly_rate=0.6,  # fraction of abnormal images in the unlabeled pool
     split_seed=0,  # folders/medmnist: seed of the known/unlabeled draw
     cache_dir="",  # prepared datasets; "" = $JAXAD_DATA_DIR or ~/.cache/jaxad
+    # >8-bit, float and DICOM pixels to uint8: "auto" (a DICOM's window,
+    # else per-image min-max) | "minmax" | "window:LOW,HIGH" (fixed)
+    intensity="auto",
+    # Leave unreadable/undecodable images (and defect images with empty
+    # masks) out, listed in W/skipped.txt, instead of refusing the data.
+    skip_unreadable=False,
+    # A folder of unlabeled images: the real unlabeled pool, as it is
+    # (medad/folders/medmnist); unlabeled_size and anomaly_rate are then
+    # not used. "" = the pool is drawn from the labelled train set.
+    unlabeled_dir="",
+    # Keep images found in two splits (a warning) instead of refusing.
+    allow_duplicates=False,
   )
   c.model = dict(
     backbone="ae",  # ae | aeu (AE-U) | memae (MemAE)
@@ -100,7 +112,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # re-scores (jaxad.evaluate) without retraining.
     target_specificity=0.95,
   )
-  c.mesh = dict(data=-1)  # devices on the data axis; -1 = all
+  # Devices on the data axis (-1 = all left) and on the member axis (the
+  # K members split over mesh.member device groups; K % member == 0).
+  c.mesh = dict(data=-1, member=1)
 
   if arg.smoke:
     c.epochs = 1

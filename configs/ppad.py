@@ -59,6 +59,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     image_size=224,  # must be the CLIP's input size
     channels=1,  # grayscale, stacked to RGB for the CLIP (as the original)
     cache_dir="",  # prepared datasets; "" = $JAXAD_DATA_DIR or ~/.cache/jaxad
+    # >8-bit, float and DICOM pixels to uint8: "auto" (a DICOM's window,
+    # else per-image min-max) | "minmax" | "window:LOW,HIGH" (fixed)
+    intensity="auto",
+    # Leave unreadable/undecodable images (and defect images with empty
+    # masks) out, listed in W/skipped.txt, instead of refusing the data.
+    skip_unreadable=False,
+    # Keep images found in two splits (a warning) instead of refusing.
+    allow_duplicates=False,
   )
   c.model = dict(
     mode="zero_shot" if arg.zero_shot else "ppad",  # ppad | zero_shot
@@ -96,7 +104,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # re-scores (jaxad.evaluate) without retraining.
     target_specificity=0.95,
   )
-  c.mesh = dict(data=-1)
+  c.mesh = dict(data=-1, member=1)
 
   if arg.smoke:
     c.epochs = 3

@@ -105,7 +105,10 @@ def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
   peak = peak_flops(jax.devices()[0], compute_dtype(config))
   results = []
   compiled_phases = loop.compile_phases(
-    method.phases(config, data), mesh, config.train.steps_per_call
+    method.phases(config, data),
+    mesh,
+    config.train.steps_per_call,
+    sharding.tree_shardings(state, mesh),
   )
   for compiled_phase in compiled_phases:
     phase = compiled_phase.phase
@@ -252,6 +255,7 @@ def run(
   }
 
 
+@cli.user_errors()
 def main(argv):
   del argv
   cli.setup_logging()

@@ -1,11 +1,14 @@
 """Helpers for config files: `get_config(arg)` argument parsing, and the
 check of a config against the run stored in a workdir (W/config.json)."""
 
+import hashlib
 import json
 import os
+import re
 
 import jax
 import ml_collections as mlc
+from absl import logging
 
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
@@ -43,6 +46,8 @@ _RESUMABLE_CHANGES = (
   "train.steps_per_call",
   "data.cache_dir",
   "eval.batch_size",
+  # Changes no data: a run with duplicates was refused without it.
+  "data.allow_duplicates",
 )
 # Keys that only turn a trained model's scores into decisions, whatever
 # the method: `jaxad.evaluate` may re-score a run with other values
@@ -59,7 +64,54 @@ ADDED_KEYS = {
   "data.exclude_sources": "",
   "eval.calibration_fraction": 0.0,
   "eval.target_specificity": 0.95,
+  "data.unlabeled_dir": "",
+  "data.allow_duplicates": False,
+  "data.intensity": "auto",
+  "data.skip_unreadable": False,
+  "mesh.member": 1,
 }
+
+
+def changed_keys(
+  old: dict, new: dict, allowed: tuple[str, ...] = ()
+) -> list[str]:
+  """Flattened keys whose values differ between a stored run's config
+  (`old`) and `new`, besides `_RESUMABLE_CHANGES` and the `allowed`
+  prefixes; a key of `ADDED_KEYS` missing from `old` has its value there.
+  """
+  old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
+  return sorted(
+    k
+    for k in set(old) | set(new)
+    if old.get(k) != new.get(k)
+    and k not in _RESUMABLE_CHANGES
+    and not k.startswith(allowed or ("\0",))
+  )
+
+
+def check_against(
+  config: mlc.ConfigDict,
+  stored: dict,
+  allowed: tuple[str, ...],
+  where: str,
+) -> None:
+  """Refuses `config` where it differs from a stored run's (flattened)
+  config `stored`, outside `allowed` (see `check_workdir`).
+
+  Args:
+    where: what holds `stored`, for the message (a workdir, a checkpoint).
+
+  Raises:
+    ValueError: naming `where`, the keys and their (stored, new) values.
+  """
+  flat = flatten(config_dict(config))
+  diff = changed_keys(stored, flat, allowed)
+  if diff:
+    raise ValueError(
+      f"{where} holds a run with a different config ({', '.join(diff)}: "
+      f"{[(stored.get(k), flat.get(k)) for k in diff]}). Use a new "
+      "--workdir, or the same config to resume."
+    )
 
 
 def check_workdir(
@@ -68,6 +120,7 @@ def check_workdir(
   allowed: tuple[str, ...] = (),
   *,
   write: bool = True,
+  trained: bool = True,
 ) -> None:
   """Checks that W/config.json (if any) holds the same config; writes it.
 
@@ -75,32 +128,71 @@ def check_workdir(
     allowed: key prefixes that may differ from the stored config (the
       method's `resumable_changes`), besides `_RESUMABLE_CHANGES`.
     write: write W/config.json (after the check).
+    trained: whether W holds a checkpoint. Without one nothing was trained
+      under the stored config (a start that failed), so another config
+      replaces it, with a warning.
 
   Raises:
-    ValueError: the stored run has another config, naming the keys.
+    ValueError: W holds a trained run with another config, naming the keys.
   """
   path = os.path.join(workdir, "config.json")
-  flat = flatten(json.loads(config.to_json()))
   if os.path.exists(path):
     with open(path) as f:
       old = flatten(json.load(f))
-    old = {**{k: v for k, v in ADDED_KEYS.items() if k in flat}, **old}
-    diff = sorted(
-      k
-      for k in set(old) | set(flat)
-      if old.get(k) != flat.get(k)
-      and k not in _RESUMABLE_CHANGES
-      and not k.startswith(allowed or ("\0",))
-    )
-    if diff:
-      raise ValueError(
-        f"{workdir} holds a run with a different config ({', '.join(diff)}: "
-        f"{[(old.get(k), flat.get(k)) for k in diff]}). Use a new --workdir, "
-        "or the same config to resume."
+    if trained:
+      check_against(config, old, allowed, workdir)
+    elif write and (diff := changed_keys(old, flatten(config_dict(config)))):
+      logging.warning(
+        "%s had another config (%s) but no checkpoint: nothing was trained "
+        "with it, so this config replaces it",
+        path,
+        ", ".join(diff),
       )
   if write and jax.process_index() == 0:
     with open(path, "w") as f:
-      json.dump(json.loads(config.to_json()), f, indent=2)
+      json.dump(config_dict(config), f, indent=2)
+
+
+def config_dict(config: mlc.ConfigDict) -> dict:
+  """`config` as plain JSON types (what W/config.json and checkpoints
+  hold)."""
+  return json.loads(config.to_json())
+
+
+# data.* keys that shape the model's input: another value is another model.
+MODEL_INPUT_KEYS = ("data.image_size", "data.channels")
+
+
+def other_data_keys(config: mlc.ConfigDict, stored: dict) -> tuple[str, ...]:
+  """The data.* keys whose values differ from a run's flattened config
+  `stored`: scoring on other data than the run's (`jaxad.evaluate` writes
+  such results to `eval_dir_name`, never over the run's eval.json).
+
+  `data.cache_dir` and `MODEL_INPUT_KEYS` are not among them (the first
+  changes no data, the others the model). Empty when `stored` is empty.
+  """
+  if not stored:
+    return ()
+  flat = flatten(config_dict(config))
+  return tuple(
+    k
+    for k in changed_keys(stored, flat)
+    if k.startswith("data.") and k not in MODEL_INPUT_KEYS
+  )
+
+
+def eval_dir_name(config: mlc.ConfigDict) -> str:
+  """'eval_<data name>-<hash>': a folder for results on other data, named
+  after data.root's (or data.target's) base name and the first 8 hex
+  digits of the SHA-256 of the data config (data.cache_dir left out), so
+  that the same data always lands in the same folder."""
+  data = flatten(config_dict(config).get("data", {}))
+  data.pop("cache_dir", None)
+  digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
+  name = os.path.basename(str(data.get("root", "")).rstrip("/"))
+  name = name or str(data.get("target", "")) or str(data.get("format", ""))
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "data"
+  return f"eval_{name}-{digest.hexdigest()[:8]}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -4,7 +4,10 @@ r"""Scores the test split with a trained state and writes WORKDIR/eval.json.
 
 restores the latest checkpoint in W (trained by `jaxad.train` with the same
 config) and re-scores without training (`eval.target_specificity` may
-differ from the trained run's). Writes:
+differ from the trained run's; parts of the config the checkpoint lacks
+are refused). Other data than the run's (another `data.*`) is scored into
+W/eval_<data name>-<hash>/ instead of W, never over the run's results.
+Writes:
 * `W/eval.json`: {"dataset", "headline" (the method's headline score, its
   last), "num_normal", "num_abnormal", "scores": {name: {"auroc", "ap"}},
   "run" (`run_info.describe`: method, config hash, versions, commit,
@@ -33,6 +36,7 @@ differ from the trained run's). Writes:
 import json
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -50,6 +54,7 @@ from jaxad import (
   report,
   run_info,
   sharding,
+  workdir_lock,
 )
 from jaxad.methods import api
 
@@ -341,40 +346,78 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def run_config(workdir: str) -> dict:
+  """The flattened config W's run was trained with: the config inside W's
+  latest checkpoint (it survives a deleted W/config.json), else
+  W/config.json; {} when W has neither."""
+  saved = checkpoint.saved_config(os.path.join(workdir, "checkpoints"))
+  if saved is not None and saved[1] is not None:
+    return configlib.flatten(saved[1])
+  return configlib.stored_config(workdir)
+
+
+def output_dir(config: mlc.ConfigDict, workdir: str) -> str:
+  """Where `jaxad.evaluate` writes: W for the run's own data; for other
+  data (`configlib.other_data_keys`), W/eval_<name>-<hash>/
+  (`configlib.eval_dir_name`), so that W/eval.json stays the run's."""
+  if not configlib.other_data_keys(config, run_config(workdir)):
+    return workdir
+  return os.path.join(workdir, configlib.eval_dir_name(config))
+
+
 def restore(config: mlc.ConfigDict, workdir: str):
   """The method, its trained `Model` from W's latest checkpoint, the mesh.
 
+  `config` is checked against the run's config (the one inside W's latest
+  checkpoint, and W/config.json): it may differ in what re-scoring may change
+  (`Method.rescoring_changes`, `configlib.RESCORING_CHANGES`, the mesh),
+  what resuming may, and the data scored (`configlib.other_data_keys`);
+  not in anything the checkpoint lacks (a part the run never trained).
+
   Raises:
     FileNotFoundError: W has no checkpoint.
-    ValueError: `config` differs from W/config.json in a key that neither
-      re-scoring (`Method.rescoring_changes`, `configlib.RESCORING_CHANGES`)
-      nor resuming may change.
+    ValueError: `config` differs from the run's in another key, or has
+      parts the checkpoint lacks (e.g. `refine.enabled=True` on a run
+      trained without refinement).
+    checkpoint.UnreadableCheckpointError: no checkpoint in W can be read.
   """
   mesh = sharding.make_mesh(config.mesh)
   method = methods.get(config.method)
   method.check_config(config)
-  rescoring = method.rescoring_changes() + configlib.RESCORING_CHANGES
+  rescoring = (
+    method.rescoring_changes() + configlib.RESCORING_CHANGES + ("mesh.",)
+  )
+
+  def allowed(stored: dict) -> tuple[str, ...]:
+    return (
+      method.resumable_changes(stored)
+      + rescoring
+      + configlib.other_data_keys(config, stored)
+    )
+
+  stored = configlib.stored_config(workdir)
   if not method.trains(config):  # zero-shot / imported: nothing to restore
-    allowed = rescoring + ("mesh.",)
-    configlib.check_workdir(config, workdir, allowed, write=False)
+    configlib.check_workdir(config, workdir, allowed(stored), write=False)
     return method, loop.place(method.init_state(config), mesh).model(), mesh
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  found = checkpoint.saved_config(directory)
+  if found is None:
     raise FileNotFoundError(
       f"No checkpoint in {directory}: train first with python -m jaxad.train"
     )
-  # The trained run's config, up to what re-scoring may change (another
-  # support set, target specificity, the mesh) and what resuming it may.
-  stored = configlib.stored_config(workdir)
-  allowed = method.resumable_changes(stored) + rescoring
-  configlib.check_workdir(config, workdir, allowed + ("mesh.",), write=False)
-  ckpt = checkpoint.Checkpointer(directory)
+  step, saved = found
+  if saved is not None:  # the config it was trained with
+    saved = configlib.flatten(saved)
+    where = f"{directory}/{step} (the run's latest checkpoint)"
+    configlib.check_against(config, saved, allowed(saved), where)
+  configlib.check_workdir(config, workdir, allowed(stored), write=False)
+  ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(
-        f"No checkpoint in {directory}: train first with python -m jaxad.train"
-      )
-    state = ckpt.restore_latest(loop.place(method.init_state(config), mesh))
+    # A part of this config the checkpoint lacks was never trained: an
+    # error, not a freshly initialised network scored.
+    state = ckpt.restore_latest(
+      loop.place(method.init_state(config), mesh), allow_untrained=False
+    )
   finally:
     ckpt.close()
   return method, state.model(), mesh
@@ -385,16 +428,42 @@ _REPORT = flags.DEFINE_bool(
 )
 
 
+@cli.user_errors()  # a config mistake: one line, exit 2
 def main(argv):
   del argv
   config, workdir = cli.CONFIG.value, cli.WORKDIR.value
   cli.setup_logging()
   sharding.initialize_distributed()
-  method, model, mesh = restore(config, workdir)
-  data = method.load_data(config, workdir)
-  evaluate(
-    config, workdir, method, model, data, mesh, write_report=_REPORT.value
-  )
+  try:
+    method, model, mesh = restore(config, workdir)
+    with workdir_lock.hold(workdir, "jaxad.evaluate"):
+      out = output_dir(config, workdir)
+      if out != workdir:
+        os.makedirs(out, exist_ok=True)
+        logging.warning(
+          "Other data than the run's (%s): results go to %s, not over the "
+          "run's eval.json",
+          ", ".join(configlib.other_data_keys(config, run_config(workdir))),
+          out,
+        )
+      data = method.load_data(config, out)
+      if not len(data.test):
+        print(
+          f"error: {data.name} has no test images to evaluate",
+          file=sys.stderr,
+          flush=True,
+        )
+        sys.exit(2)
+      evaluate(
+        config, out, method, model, data, mesh, write_report=_REPORT.value
+      )
+  except (
+    workdir_lock.WorkdirBusyError,
+    checkpoint.UnreadableCheckpointError,
+  ) as e:  # one line, as jaxad.train
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    busy = isinstance(e, workdir_lock.WorkdirBusyError)
+    sys.exit(workdir_lock.EXIT_BUSY if busy else 1)
 
 
 if __name__ == "__main__":

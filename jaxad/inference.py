@@ -347,11 +347,16 @@ class TrainedModel:
     """
     workers = workers or min(4, os.cpu_count() or 1)
     size, channels, bs = self.image_size, self.channels, self.batch_size
+    # >8-bit/float/DICOM inputs are mapped to uint8 as the training data.
+    intensity = str(self.config.data.get("intensity", "auto"))
     chunks = [entries[i : i + bs] for i in range(0, len(entries), bs)]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
 
       def submit(chunk):
-        return [pool.submit(inputs.decode, e, size, channels) for e in chunk]
+        return [
+          pool.submit(inputs.decode, e, size, channels, intensity)
+          for e in chunk
+        ]
 
       pending = submit(chunks[0]) if chunks else []
       for k, chunk in enumerate(chunks):
@@ -396,8 +401,10 @@ def input_contract(size: int, channels: int) -> dict:
     "value_range": [0, 255],
     "normalisation": "inside the model (it takes the uint8 pixels)",
     "decode": (
-      "jaxad.data.manifest.decode: PIL convert('L' if channels == 1 else"
-      " 'RGB'), then a bilinear resize to image_size x image_size"
+      "jaxad.data.manifest.decode: EXIF orientation applied; >8-bit,"
+      " float and DICOM pixels mapped to uint8 by data.intensity"
+      " (default: per-image min-max); grayscale or RGB as channels; then a"
+      " bilinear resize to image_size x image_size"
     ),
   }
 
@@ -430,6 +437,8 @@ def load(
   """
   config = read_config(workdir)
   config.mesh.data = mesh_data
+  if "member" in config.mesh:  # members on one device group: any count
+    config.mesh.member = 1
   if batch_size is not None:
     config.eval.batch_size = int(batch_size)
   mesh = sharding.make_mesh(config.mesh)

@@ -6,15 +6,14 @@ it is in), and only talks to the host every `log_every` steps: metrics stay
 on the device until then, so dispatch runs ahead of compute. At each log it
 checks for NaN/Inf, prints step, loss, throughput and ETA, and appends a line
 to WORKDIR/metrics.jsonl. Checkpoints are written every `checkpoint_every`
-steps, at the end of each phase and on Ctrl-C, and never from a non-finite
-state, so the last good checkpoint survives a divergence.
+steps, at the end of each phase and on Ctrl-C or SIGTERM (`preemption`),
+and never from a non-finite state, so the last good checkpoint survives a
+divergence. The ETA prices each phase at its own measured speed (`eta`).
 """
 
 import dataclasses
 import json
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxad import checkpoint, sharding
+from jaxad import checkpoint, eta, preemption, sharding
 from jaxad.methods import api
 
 
@@ -65,16 +64,25 @@ class CompiledPhase:
           f"shape {np.shape(leaf)}; every leaf needs a leading axis of "
           f"batch_size={b}"
         )
-    return jax.device_put(batch, sharding.batch_sharded(self.mesh))
+    # `sharding.put`: in a multi-process job each process places its own
+    # devices' shards of the (same) global batch.
+    return sharding.put(batch, sharding.batch_sharded(self.mesh))
 
 
 def place(tree, mesh: jax.sharding.Mesh):
-  """`tree` replicated over `mesh` (the state, resident inputs)."""
-  return jax.device_put(tree, sharding.replicated(mesh))
+  """`tree` on `mesh`: leaves a method split over the `member` axis
+  (`sharding.place_members`) stay split, the rest is replicated."""
+  # `sharding.put`, not jax.device_put: in a multi-process job a leaf on a
+  # local device is placed from its host copy.
+  return sharding.put(tree, sharding.tree_shardings(tree, mesh))
 
 
 def compile_phase(
-  phase: api.Phase, start: int, mesh: jax.sharding.Mesh, steps_per_call: int
+  phase: api.Phase,
+  start: int,
+  mesh: jax.sharding.Mesh,
+  steps_per_call: int,
+  state_shardings=None,
 ) -> CompiledPhase:
   """Wraps `phase.step_fn` into the loop's jitted steps.
 
@@ -83,6 +91,8 @@ def compile_phase(
       gets `state.step - start` as its phase-local step.
     steps_per_call: steps per jitted call (1 for host-batch phases, whose
       every step needs a new input).
+    state_shardings: the state's shardings (`sharding.tree_shardings` of
+      the placed state), kept by every step; None: replicated.
   """
   sharding.check_batch(phase.batch_size, mesh, f"config.{phase.batch_key}")
   if (phase.inputs is None) == (phase.batches is None):
@@ -99,19 +109,27 @@ def compile_phase(
   single, multi = jit_steps(
     step,
     steps_per_call=steps_per_call,
-    out_shardings=sharding.replicated(mesh),
+    out_shardings=(
+      sharding.replicated(mesh) if state_shardings is None else state_shardings,
+      sharding.replicated(mesh),  # the metrics
+    ),
   )
   inputs = None if phase.inputs is None else place(phase.inputs, mesh)
   return CompiledPhase(phase, single, multi, steps_per_call, inputs, mesh)
 
 
 def compile_phases(
-  phases: list[api.Phase], mesh: jax.sharding.Mesh, steps_per_call: int
+  phases: list[api.Phase],
+  mesh: jax.sharding.Mesh,
+  steps_per_call: int,
+  state_shardings=None,
 ) -> list[CompiledPhase]:
   """`compile_phase` of each phase, with its global start step."""
   out, start = [], 0
   for phase in phases:
-    out.append(compile_phase(phase, start, mesh, steps_per_call))
+    out.append(
+      compile_phase(phase, start, mesh, steps_per_call, state_shardings)
+    )
     start += phase.num_steps
   return out
 
@@ -164,35 +182,6 @@ def _call_fits(step: int, k: int, end: int, *cadences: int) -> bool:
   )
 
 
-class _StopOnSignal:
-  """SIGINT (Ctrl-C) or SIGTERM (preemption) during training: finish the
-  step in flight, then stop at a step boundary, where the state is intact
-  and can be checkpointed. A second signal stops at once."""
-
-  def __enter__(self):
-    self.requested = False
-    self._old = {}
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    logging.warning(
-      "Signal %d: stopping after the step in flight, with a checkpoint "
-      "(send it again to stop at once, without one).",
-      signum,
-    )
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
-
-
 def _keep_metrics_until(path: str, step: int) -> None:
   """Drops metrics.jsonl records after `step`: a resumed run logs the steps
   after its checkpoint again."""
@@ -225,12 +214,6 @@ def _alive(tree) -> bool:
   return not any(x.is_deleted() for x in jax.tree.leaves(tree))
 
 
-def _format_eta(seconds: float) -> str:
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def train(
   state,
   phases: list[CompiledPhase],
@@ -253,16 +236,16 @@ def train(
   """
   total = sum(p.phase.num_steps for p in phases)
   step = int(state.step)
-  # Work (images x members) still to do after each phase, for the ETA.
-  work = [p.phase.num_steps * _work_per_step(p.phase) for p in phases]
-  after = [sum(work[i + 1 :]) for i in range(len(phases))]
+  names = [p.phase.name for p in phases]
+  ends = list(np.cumsum([p.phase.num_steps for p in phases]))
+  clock = eta.StepClock(len(phases))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   _keep_metrics_until(metrics_path, step)
   start = 0
-  stop = _StopOnSignal()
+  stop = preemption.StopOnSignal()
   try:
     stop.__enter__()
-    for compiled, later in zip(phases, after, strict=True):
+    for i, compiled in enumerate(phases):
       phase = compiled.phase
       end = start + phase.num_steps
       if step >= end:
@@ -280,9 +263,13 @@ def train(
       batches = None if phase.batches is None else phase.batches(step - start)
       pending, t_last, step_last = [], time.perf_counter(), step
       k = compiled.steps_per_call
+      compiled_fns = set()  # this phase's functions called (compiled) yet
       with jax.set_mesh(compiled.mesh):
         while step < end:
-          if k > 1 and _call_fits(step, k, end, log_every, checkpoint_every):
+          multi = k > 1 and _call_fits(
+            step, k, end, log_every, checkpoint_every
+          )
+          if multi:
             state, metrics = compiled.multi_step_fn(state, compiled.inputs)
             pending.append((metrics, k))
             step += k
@@ -291,18 +278,28 @@ def train(
             state, metrics = compiled.step_fn(state, inputs)
             pending.append((metrics, 1))
             step += 1
+          if multi not in compiled_fns:  # its compile: not a step's time
+            compiled_fns.add(multi)
+            jax.block_until_ready(state)
+            clock.restart(step)
           if on_step is not None:
             on_step(step)
           if stop.requested:
-            raise KeyboardInterrupt
+            raise preemption.Stopped(stop.signum)
           last = step == end
           if step % log_every == 0 or last:
-            remaining = (end - step) * _work_per_step(phase) + later
+            # Timed once the steps ran, not when they were dispatched.
+            jax.block_until_ready([m for m, _ in pending])
+            clock.lap(i, step)
+            left = [
+              max(0, e - max(step, e - p.phase.num_steps))
+              for e, p in zip(ends, phases, strict=True)
+            ]
             _log(
               phase,
               step,
               total,
-              remaining,
+              clock.eta(names, left),
               pending,
               t_last,
               step_last,
@@ -313,14 +310,19 @@ def train(
           if step % checkpoint_every == 0 or last:
             _save(checkpointer, step, state)
       start = end
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
     saved = _alive(state) and int(state.step) == step
     if saved and step > (checkpointer.latest_step() or 0):
       _save(checkpointer, step, state)
       checkpointer.wait()
+    how = (
+      f"{e.args[0]} at step {step}"
+      if isinstance(e, preemption.Stopped)
+      else f"Interrupted at step {step}"
+    )
     logging.warning(
-      "Interrupted at step %d; %s. Re-run the same command to resume.",
-      step,
+      "%s; %s. Re-run the same command to resume.",
+      how,
       f"checkpoint of step {step} in {workdir}"
       if saved
       else f"the step in flight was lost; the last checkpoint is step "
@@ -333,12 +335,8 @@ def train(
   return state
 
 
-def _work_per_step(phase: api.Phase) -> int:
-  return phase.batch_size * phase.members
-
-
 def _log(
-  phase, step, total, remaining, pending, t_last, step_last, path, checkpointer
+  phase, step, total, eta_text, pending, t_last, step_last, path, checkpointer
 ):
   # The one host sync per log interval; (metrics, number of steps) pairs.
   host = jax.device_get([m for m, _ in pending])
@@ -362,10 +360,12 @@ def _log(
     )
   dt = max(time.perf_counter() - t_last, 1e-9)
   images_per_s = (step - step_last) * phase.batch_size / dt
-  eta = remaining / max(images_per_s * phase.members, 1e-9)
   losses = " ".join(f"{k}={v:.5f}" for k, v in mean.items() if "loss" in k)
   rate = f"{images_per_s:.0f} img/s"
-  record = dict(step=step, phase=phase.name, images_per_s=images_per_s)
+  # seconds: the interval's wall-clock (eval.json's run.seconds sums them).
+  record = dict(
+    step=step, phase=phase.name, images_per_s=images_per_s, seconds=dt
+  )
   if phase.members > 1:
     rate += f" ({images_per_s * phase.members:.0f} member-img/s)"
     record["member_images_per_s"] = images_per_s * phase.members
@@ -376,7 +376,7 @@ def _log(
     total,
     losses,
     rate,
-    _format_eta(eta),
+    eta_text,
   )
   if jax.process_index() == 0:
     with open(path, "a") as f:

@@ -378,6 +378,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
 )
 
 
+@cli.user_errors(manifest.DataError)
 def main(argv):
   del argv
   cli.setup_logging()

@@ -39,7 +39,7 @@ def describe(
   """
   canonical = json.dumps(json.loads(config.to_json()), sort_keys=True)
   return {
-    "method": config.method,
+    "method": config.get("method"),
     "config_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
     "versions": {p: _version(p) for p in _PACKAGES},
     "commit": _commit(),

@@ -27,6 +27,8 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
+from jaxad import config_checks
+
 EVAL_SEEDS = "eval_seeds.json"
 _STD = "sample standard deviation over seeds (ddof=1)"
 
@@ -35,15 +37,15 @@ def parse(text: str) -> list[int]:
   """ "0,1,2" -> [0, 1, 2].
 
   Raises:
-    ValueError: not a comma-separated list of distinct integers >= 0,
-      naming the flag and the value.
+    config_checks.ConfigError: (a ValueError) not a comma-separated list of
+      distinct integers >= 0, naming the flag and the value.
   """
   try:
     seeds = [int(s) for s in text.split(",") if s.strip()]
   except ValueError:
     seeds = None
   if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-    raise ValueError(
+    raise config_checks.ConfigError(
       f"--seeds={text!r}: expected distinct integers >= 0 separated by"
       " commas, e.g. --seeds=0,1,2"
     )

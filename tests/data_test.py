@@ -44,6 +44,9 @@ def config(**kw):
     anomaly_rate=0.6,
     split_seed=0,
     cache_dir="",
+    # The fixtures' constant images repeat across folders; duplicates are
+    # tested in layouts_check_test.py.
+    allow_duplicates=True,
   )
   base.update(kw)
   return ml_collections.ConfigDict(base)
@@ -291,8 +294,9 @@ class FoldersTest(DataTestCase):
       self.load()
 
   def test_missing_split_folder(self):
-    shutil.rmtree(os.path.join(self.root, "test"))
-    with self.assertRaisesRegex(FileNotFoundError, "cxr/test"):
+    # ROOT/test is optional (tests/layouts_check_test.py); ROOT/train is not.
+    shutil.rmtree(os.path.join(self.root, "train"))
+    with self.assertRaisesRegex(FileNotFoundError, "cxr/train"):
       self.load()
 
   def test_unlabeled_size_too_large(self):

@@ -219,7 +219,7 @@ class FewShotTest(absltest.TestCase):
     np.testing.assert_array_equal(ds.test_masks[1, :, :4], 1)
     np.testing.assert_array_equal(ds.test_masks[1, :, 4:], 0)
     with self.assertLogs("absl", "WARNING") as logs:
-      self.load(sources=sources, target="D")
+      self.load(sources=sources, target="D", allow_duplicates=True)
     self.assertIn("identical to test image test/good/im09", str(logs.output))
     # A source's test split is never decoded: a broken test file there
     # does not stop the run.

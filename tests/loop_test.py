@@ -126,6 +126,8 @@ class LoopTest(absltest.TestCase):
     mesh = sharding.make_mesh(mlc.ConfigDict({"data": 1}))
     workdir = tempfile.mkdtemp()
     ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints")
+    # Restored afterwards: default_int_handler, or SIG_IGN under nohup.
+    before = signal.getsignal(signal.SIGINT)
 
     def signal_at(step):
       if step == 5:
@@ -158,7 +160,7 @@ class LoopTest(absltest.TestCase):
     with open(f"{workdir}/metrics.jsonl") as f:
       steps = [json.loads(line)["step"] for line in f]
     self.assertEqual(steps, [2, 4, 6, 8, 10])
-    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+    self.assertIs(signal.getsignal(signal.SIGINT), before)
 
   def test_steps_per_call_must_be_positive(self):
     with self.assertRaisesRegex(ValueError, "steps_per_call"):

@@ -407,9 +407,11 @@ class CheckConfigTest(TempDirTestCase):
   @need_clip
   def test_image_size_must_be_the_clips(self):
     config = smoke_config(**{"data.image_size": 32})
-    METHOD.check_config(config)
-    with self.assertRaisesRegex(ValueError, r"config\.data\.image_size=32.*64"):
-      METHOD.init_state(config)
+    for fn in (METHOD.check_config, METHOD.init_state):
+      with self.assertRaisesRegex(
+        ValueError, r"config\.data\.image_size=32.*64"
+      ):
+        fn(config)
 
 
 # ---------------------------------------------------------------- batches

@@ -2,6 +2,9 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -80,6 +83,30 @@ class SeedsTest(absltest.TestCase):
         f.write("{}")
       with self.assertRaisesRegex(ValueError, "single run"):
         seeds.run(ddad_config.get_config(), w, [0], run_one=None)
+
+
+class CommandLineTest(absltest.TestCase):
+  def test_bad_seeds_flag_is_one_line_exit_2_before_any_work(self):
+    with tempfile.TemporaryDirectory() as w:
+      out = subprocess.run(
+        [
+          sys.executable,
+          "-m",
+          "jaxad.train",
+          "--config",
+          "configs/ddad.py:smoke",
+          "--workdir",
+          w,
+          "--seeds=0,0",
+        ],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+      )
+      self.assertEqual(out.returncode, 2, out.stderr)
+      self.assertRegex(out.stderr.strip(), r"^error: --seeds='0,0'")
+      self.assertEqual(os.listdir(w), [])  # nothing written
 
 
 if __name__ == "__main__":

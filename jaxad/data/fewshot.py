@@ -65,7 +65,14 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from jaxad.data import d24fad_layout, layouts, manifest, oneclass, splits
+from jaxad.data import (
+  d24fad_layout,
+  layouts,
+  leakage,
+  manifest,
+  oneclass,
+  splits,
+)
 
 DataError = manifest.DataError
 LAYOUT_KEYS = {
@@ -78,10 +85,17 @@ LAYOUT_KEYS = {
   "medad": (),
 }
 FORMATS = tuple(LAYOUT_KEYS)
-COMMON_KEYS = ("format", "root", "name", "support_root")
+# skip_unreadable: this entry's undecodable test images are left out
+# (listed in the log), e.g. MTD's defect images with empty masks.
+COMMON_KEYS = ("format", "root", "name", "support_root", "skip_unreadable")
 SUPPORT_MODES = ("auto", "fixed", "drawn")
 # Entry values given as strings ("key=value") that are not strings.
-_TYPES = {"split_seed": int, "normal_label": int, "test_normal_fraction": float}
+_TYPES = {
+  "split_seed": int,
+  "normal_label": int,
+  "test_normal_fraction": float,
+  "skip_unreadable": lambda v: str(v).strip().lower() in ("1", "true", "yes"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +209,8 @@ def _source(entry: dict[str, Any], where: str, shared: dict) -> Source:
     support_root = kshot if os.path.isdir(kshot) else ""
   layout = {k: entry[k] for k in LAYOUT_KEYS[fmt] if k in entry}
   data = dict(shared, format=fmt, root=root, unlabeled_size=0, **layout)
+  if "skip_unreadable" in entry:
+    data["skip_unreadable"] = bool(entry["skip_unreadable"])
   return Source(name, fmt, ml_collections.ConfigDict(data), support_root)
 
 
@@ -226,6 +242,7 @@ def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
     "channels": int(manifest.get(data, "channels", 3)),
     "cache_dir": str(manifest.get(data, "cache_dir", "")),
     "split_seed": int(manifest.get(data, "split_seed", 0)),
+    "intensity": str(manifest.get(data, "intensity", "auto")),
   }
   manifest.channels(ml_collections.ConfigDict(shared))
   entries = []
@@ -288,15 +305,19 @@ def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
   return tuple(entries), t
 
 
-def _manifest(src: Source, workdir: str, is_target: bool):
-  """The entry's manifest; its own drawn split goes to W/sources/<name>/.
+def _manifest(
+  src: Source, workdir: str, is_target: bool, pending: splits.Pending
+):
+  """The entry's manifest; its own drawn split goes to W/sources/<name>/
+  (queued in `pending`, written once the data is prepared).
 
   A source keeps only its training normals: its test images (and masks)
   are never used, so they are not decoded (nor their masks checked).
+  Duplicates are checked by `leakage.check_target`, over what is used.
   """
   sub = os.path.join(workdir, "sources", src.name)
   if src.format != d24fad_layout.FORMAT:
-    m = layouts.build(src.data, sub)
+    m = layouts.build(src.data, sub, pending, check_leakage=False)
   else:
     m = d24fad_layout.d24fad(src.data, sub, need_test=is_target)
     m = dataclasses.replace(m, channels=manifest.channels(src.data))
@@ -416,7 +437,10 @@ def load(
   target = entries[t]
   shots = int(manifest.get(data, "shots", 0))
   size = int(target.data.image_size)
-  manifests = [_manifest(e, workdir, i == t) for i, e in enumerate(entries)]
+  pending = splits.Pending()
+  manifests = [
+    _manifest(e, workdir, i == t, pending) for i, e in enumerate(entries)
+  ]
   for i, (e, m) in enumerate(zip(entries, manifests, strict=True)):
     if i != t and len(m.parts["normal"]) < 2:
       raise DataError(
@@ -430,6 +454,18 @@ def load(
       f"Target {target.name!r} ({target.data.root}): the test split must"
       f" hold normals and abnormals; labels found: {sorted(labels)}"
     )
+  sources = {
+    e.name: m.parts["normal"]
+    for i, (e, m) in enumerate(zip(entries, manifests, strict=True))
+    if i != t
+  }
+  leakage.check_target(
+    sources,
+    manifests[t].parts["normal"],
+    manifests[t].parts["test"],
+    target=target.name,
+    allow=leakage.allowed(data),
+  )
   how, support_names, fixed = _support(
     target,
     manifests[t],
@@ -447,10 +483,26 @@ def load(
     seed=seed,
     what=f"Target {target.name!r}: training normals",
     empty={"params": {"format": "fewshot"}, "support": {}},
+    pending=pending,
   )
-  # Everything is checked: decode (or re-use the cache).
+  # Everything is checked: decode (or re-use the cache), then write the
+  # split records.
   cache = target.data.cache_dir
   builders = [builder_lib.prepare(m, cache) for m in manifests]
+  # The support and calibration draws index the target's training normals
+  # as listed: one left out while decoding (data.skip_unreadable) would
+  # shift them onto other images.
+  kept = builders[t].manifest.parts["normal"]
+  if len(kept) != len(manifests[t].parts["normal"]):
+    left_out = {e.name for e in manifests[t].parts["normal"]} - {
+      e.name for e in kept
+    }
+    raise DataError(
+      f"Target {target.name!r}: training normals could not be decoded"
+      f" ({sorted(left_out)[:5]}); fix or remove them (a skip would move"
+      " the support and calibration draws onto other images)"
+    )
+  pending.write()
   cap = int(manifest.get(data, "max_source_images", 0))
   pools, ids = [], []
   for i, b in enumerate(builders):
@@ -464,7 +516,8 @@ def load(
   test = builder_lib.read_split(builders[t], "test")
   if fixed is not None:
     c = manifests[t].channels
-    support = np.stack([manifest.decode(e, size, c) for e in fixed])
+    intensity = manifests[t].intensity
+    support = np.stack([manifest.decode(e, size, c, intensity) for e in fixed])
   else:
     # Only the K records: records are stored at their manifest position.
     index = {n: i for i, n in enumerate(target_names)}

@@ -2,7 +2,10 @@
 
 An image file, a folder (recursive; hidden files and folders ignored) or an
 `.npz`, as `manifest.Entry`s that `manifest.decode` reads exactly as the
-training data.
+training data (pass the run's `data.intensity` to `decode`). Nothing in a
+folder is dropped without a word: an image file that cannot be read (a
+broken symbolic link, say) stays an entry, whose `decode` gives the error
+row naming it; other files are counted by `count_other_files`.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ NPZ_NAMES_KEY = "names"
 def find_inputs(path: str, *, full_names: bool = False) -> list[manifest.Entry]:
   """The images under `path`: an image file, a folder or a `.npz`.
 
-  A folder is walked recursively, in sorted order, for files whose
-  extension (any case) is one of `IMAGE_EXTENSIONS`; files and folders
-  whose name starts with "." are ignored, like the training layouts do.
-  Other files are ignored too (they are counted by `count_other_files`).
+  A folder is walked recursively, in sorted order (into linked folders,
+  each real folder once), for files whose extension (any case) is one of
+  `IMAGE_EXTENSIONS`, DICOM included; files and folders whose name starts
+  with "." are ignored, like the training layouts do. Other files are
+  ignored too (they are counted by `count_other_files`). A broken symbolic
+  link or unreadable file with an image extension is listed: its `decode`
+  reports it.
   A `.npz` holds "images": uint8 [N, H, W], [N, H, W, 1] or [N, H, W, 3]
   (any H, W: resized like files), and optionally "names": [N] str; without
   an "images" key, its only array is used. The npz is read whole.
@@ -47,12 +53,9 @@ def find_inputs(path: str, *, full_names: bool = False) -> list[manifest.Entry]:
     raise FileNotFoundError(f"Input not found: {path}")
   if os.path.isdir(path):
     entries = []
-    for root, dirs, files in os.walk(path):
-      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-      for f in sorted(files):
-        if f.startswith(".") or not f.lower().endswith(
-          manifest.IMAGE_EXTENSIONS
-        ):
+    for root, _, files in _walk(path):
+      for f in files:
+        if not f.lower().endswith(manifest.IMAGE_EXTENSIONS):
           continue
         full = os.path.join(root, f)
         rel = os.path.relpath(full, path).replace(os.sep, "/")
@@ -69,16 +72,30 @@ def count_other_files(path: str) -> int:
   extension (not hidden ones); 0 for a file."""
   if not os.path.isdir(path):
     return 0
-  n = 0
-  for _, dirs, files in os.walk(path):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
-    n += sum(
-      1
-      for f in files
-      if not f.startswith(".")
-      and not f.lower().endswith(manifest.IMAGE_EXTENSIONS)
-    )
-  return n
+  return sum(
+    1
+    for _, _, files in _walk(path)
+    for f in files
+    if not f.lower().endswith(manifest.IMAGE_EXTENSIONS)
+  )
+
+
+def _walk(path: str):
+  """`os.walk(path)` in sorted order, without hidden names ("." first),
+  into linked folders too (each real folder once, so link loops end).
+
+  Yields:
+    (folder, subfolders, files), files sorted and not hidden.
+  """
+  seen = set()
+  for root, dirs, files in os.walk(path, followlinks=True):
+    real = os.path.realpath(root)
+    if real in seen:  # a link back to a folder already walked
+      dirs[:] = []
+      continue
+    seen.add(real)
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    yield root, dirs, sorted(f for f in files if not f.startswith("."))
 
 
 def _npz_inputs(path: str, full_names: bool) -> list[manifest.Entry]:
@@ -121,9 +138,21 @@ def _npz_inputs(path: str, full_names: bool) -> list[manifest.Entry]:
   ]
 
 
-def decode(entry: manifest.Entry, size: int, channels: int):
-  """(pixels [S, S, C] uint8, None) or (None, "ErrorType: message")."""
+def decode(
+  entry: manifest.Entry,
+  size: int,
+  channels: int,
+  intensity: str = "auto",
+):
+  """(pixels [S, S, C] uint8, None) or (None, "ErrorType: message").
+
+  Args:
+    entry: from `find_inputs`.
+    size, channels: the run's data.image_size and data.channels.
+    intensity: the run's data.intensity (`jaxad.data.decode`), so that the
+      inputs are mapped as the training images were.
+  """
   try:
-    return manifest.decode(entry, size, channels), None
+    return manifest.decode(entry, size, channels, intensity), None
   except Exception as e:  # noqa: BLE001 - one bad file never stops a batch
     return None, f"{type(e).__name__}: {e}"

@@ -6,7 +6,8 @@ naming an image, its label, where its pixels come from and, for layouts with
 pixel ground truth, its mask file. The single tfds builder (`builder.py`)
 turns any manifest into array_record splits, so decoding, resizing and caching
 are written once. The helpers layouts share (config values, the root, image
-files of a folder, file stamps) live here too.
+files of a folder, file stamps, the `data.*` decoding options) live here;
+the file formats and intensity rules are `decode.py`'s.
 """
 
 from __future__ import annotations
@@ -22,21 +23,24 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from jaxad.data import decode as decode_lib
+from jaxad.data import listing
+
 PARTS = ("normal", "unlabeled", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = decode_lib.IMAGE_EXTENSIONS
+DataError = decode_lib.DataError
+to_array = decode_lib.to_array  # the preprocessing, kept under its old name
+# Listing helpers, where the layouts have always found them.
+list_images = listing.list_images
+file_stamp = listing.file_stamp
+skipping = listing.skipping
+SKIP_HINT = listing.SKIP_HINT
 
 CHANNELS = (1, 3)  # grayscale (DDAD's preprocessing) or RGB
-# Mask pixels above this are anomalous (masks are stored 0 / 255, and some,
-# like MTD's, are anti-aliased).
-MASK_THRESHOLD = 127
 
 # A source is either the path of an image file or a function returning the
 # raw pixels, [H, W] or [H, W, C] uint8 (used for npz-backed layouts).
 Source = str | collections.abc.Callable[[], np.ndarray]
-
-
-class DataError(ValueError):
-  """Bad or inconsistent input data; the message names the file or key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +54,8 @@ class Entry:
     stamp: fingerprint of the input (file size and mtime, or npz stamp and
       index; with a mask, the mask file's too); it enters the cache key so
       that changed inputs re-prepare.
-    mask: the ground-truth mask file (white = anomalous) in a manifest with
-      masks; None there means an all-normal (zero) mask.
+    mask: the ground-truth mask file (non-zero = anomalous) in a manifest
+      with masks; None there means an all-normal (zero) mask.
   """
 
   name: str
@@ -74,6 +78,11 @@ class Manifest:
     has_masks: whether every image gets an [S, S] {0, 1} mask (entries
       without a mask file get zeros).
     channels: C, 1 (grayscale) or 3 (RGB).
+    intensity: `data.intensity` (`decode.parse_intensity`).
+    skip_unreadable: `data.skip_unreadable`: files that cannot be listed or
+      decoded are left out and recorded rather than an error.
+    skipped: (path, reason) of the files left out so far (listing; the
+      builder adds those that failed to decode).
   """
 
   name: str
@@ -82,13 +91,16 @@ class Manifest:
   params: dict[str, Any]
   has_masks: bool = False
   channels: int = 1
+  intensity: str = decode_lib.INTENSITY_DEFAULT
+  skip_unreadable: bool = False
+  skipped: tuple[tuple[str, str], ...] = ()
 
   def cache_key(self) -> str:
     """A hash of everything that determines the prepared arrays.
 
     Returns:
-      16 hex digits over params, image size and every entry's part, name,
-      label and stamp.
+      16 hex digits over params, image size, decoding options and every
+      entry's part, name, label and stamp.
     """
     key = {
       "params": self.params,
@@ -104,6 +116,13 @@ class Manifest:
       key["has_masks"] = True
     if self.channels != 1:
       key["channels"] = self.channels
+    if self.intensity != decode_lib.INTENSITY_DEFAULT:
+      key["intensity"] = self.intensity
+    if self.skip_unreadable:  # a cache with files left out is another set
+      key["skip_unreadable"] = True
+    # Files decode differently since DECODER_VERSION 2 (npz arrays do not).
+    if any(isinstance(e.source, str) for p in PARTS for e in self.parts[p]):
+      key["decoder"] = decode_lib.DECODER_VERSION
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -133,85 +152,53 @@ def channels(data: Any) -> int:
   return value
 
 
-def list_images(folder: str) -> list[str]:
-  """Sorted image file names in a folder; it must hold at least one."""
-  files, other = [], []
-  for f in sorted(os.listdir(folder)):
-    if f.startswith(".") or not os.path.isfile(os.path.join(folder, f)):
-      continue
-    if f.lower().endswith(IMAGE_EXTENSIONS):
-      files.append(f)
-    else:
-      other.append(f)
-  if other:
-    logging.warning(
-      "Skipping %d non-image files in %s (e.g. %s)",
-      len(other),
-      folder,
-      other[0],
-    )
-  if not files:
+def intensity(data: Any) -> str:
+  """`data.intensity` (default "auto"), checked (`decode.parse_intensity`)."""
+  value = str(get(data, "intensity", decode_lib.INTENSITY_DEFAULT)).strip()
+  decode_lib.parse_intensity(value)
+  return value
+
+
+def skip_unreadable(data: Any) -> bool:
+  """`data.skip_unreadable` (default False), which must be a bool."""
+  value = get(data, "skip_unreadable", False)
+  if not isinstance(value, bool | np.bool_):
     raise DataError(
-      f"Class folder {folder} has no image files"
-      f" ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+      f"data.skip_unreadable must be true or false, got {value!r}"
     )
-  return files
+  return bool(value)
 
 
-def file_stamp(path: str, what: str = "") -> str:
-  """Size and modification time of a file, for cache keys.
+def apply_options(
+  data: Any, layout: collections.abc.Callable[[], Manifest]
+) -> Manifest:
+  """Builds a layout's manifest under the `data.*` decoding options.
+
+  Checks data.channels, data.intensity and data.skip_unreadable before any
+  file is listed, then runs `layout()` with unreadable files recorded
+  instead of raised when data.skip_unreadable is true (`skipping`).
 
   Args:
-    path: file to stat.
-    what: where the file was listed (e.g. a data.json key), for the error.
+    data: the `data` config.
+    layout: builds the manifest (e.g. `lambda: mvtec(data, workdir)`).
 
   Returns:
-    "size:mtime_ns".
+    The manifest with channels, intensity, skip_unreadable and the files
+    its listing skipped.
 
   Raises:
-    FileNotFoundError: naming the file (and `what`) when it does not exist.
+    DataError: a bad option value (naming the key), or what `layout` raises.
   """
-  try:
-    st = os.stat(path)
-  except FileNotFoundError:
-    where = f" (listed in {what})" if what else ""
-    raise FileNotFoundError(f"Image file not found: {path}{where}") from None
-  if not os.path.isfile(path):
-    raise DataError(f"Expected an image file, found a directory: {path}")
-  return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def to_array(image: Image.Image, size: int, channels: int = 1) -> np.ndarray:
-  """DDAD's online preprocessing: grayscale (or RGB), then bilinear resize.
-
-  Args:
-    image: any PIL image.
-    size: output side S.
-    channels: C, 1 (grayscale) or 3 (RGB; grayscale images are replicated).
-
-  Returns:
-    [S, S, C] uint8.
-  """
-  image = image.convert("L" if channels == 1 else "RGB")
-  image = image.resize((size, size), Image.BILINEAR)
-  return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
-
-
-def _read(path: str, kind: str) -> Image.Image:
-  """The fully decoded image file at `path`; errors name the file."""
-  try:
-    with Image.open(path) as image:
-      # load() forces the lazy decode, so corrupt data fails in here.
-      image.load()
-      return image
-  except FileNotFoundError:
-    raise FileNotFoundError(
-      f"{kind.capitalize()} file not found: {path}"
-    ) from None
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise DataError(
-      f"Cannot decode {kind} {path}: {type(e).__name__}: {e}"
-    ) from e
+  options = {
+    "channels": channels(data),
+    "intensity": intensity(data),
+    "skip_unreadable": skip_unreadable(data),
+  }
+  with skipping(options["skip_unreadable"]) as skipped:
+    m = layout()
+  return dataclasses.replace(
+    m, **options, skipped=tuple(m.skipped) + tuple(skipped)
+  )
 
 
 def _pixels(entry: Entry) -> np.ndarray:
@@ -229,54 +216,86 @@ def _pixels(entry: Entry) -> np.ndarray:
   )
 
 
-def decode(entry: Entry, size: int, channels: int = 1) -> np.ndarray:
+def read(entry: Entry, intensity: str = "auto") -> Image.Image:
+  """An entry's full-size 8-bit image (`decode.read_image` for files)."""
+  if callable(entry.source):
+    return decode_lib.array_image(_pixels(entry), intensity)
+  return decode_lib.read_image(entry.source, intensity)
+
+
+def decode(
+  entry: Entry, size: int, channels: int = 1, intensity: str = "auto"
+) -> np.ndarray:
   """Reads an entry's pixels and preprocesses them like the original code.
 
   Args:
     entry: the manifest entry.
     size: output side S.
     channels: C, 1 (grayscale) or 3 (RGB).
+    intensity: `data.intensity` (see `decode.py`): 8-bit files are used as
+      stored; other bit depths are mapped to 8 bits.
 
   Returns:
     [S, S, C] uint8.
 
   Raises:
-    DataError: naming the file when it cannot be decoded.
+    FileNotFoundError, DataError, ImportError: naming the file when it
+      cannot be decoded (see `decode.py`).
   """
-  if callable(entry.source):
-    image = Image.fromarray(_pixels(entry))
-  else:
-    image = _read(entry.source, "image")
-  return to_array(image, size, channels)
+  return to_array(read(entry, intensity), size, channels)
 
 
-def decode_mask(entry: Entry, size: int) -> np.ndarray:
+def decode_example(
+  entry: Entry,
+  size: int,
+  channels: int = 1,
+  intensity: str = "auto",
+  with_mask: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+  """`decode` and, `with_mask`, `decode_mask`, decoding the image once.
+
+  Returns:
+    ([S, S, C] uint8 image, [S, S] uint8 {0, 1} mask or None).
+  """
+  image = read(entry, intensity)
+  mask = decode_mask(entry, size, image.size) if with_mask else None
+  return to_array(image, size, channels), mask
+
+
+def decode_mask(
+  entry: Entry, size: int, image_size: tuple[int, int] | None = None
+) -> np.ndarray:
   """An entry's ground-truth mask at the size of its stored image.
 
-  The mask is binarised (> MASK_THRESHOLD) and resized like the image
-  (squashed to S x S), with nearest-neighbour sampling so that it stays
-  binary. A mask may have another resolution than its image, but not
-  another aspect ratio (that would pair it with the wrong pixels).
+  The mask is binarised (`decode.read_mask`: non-zero, or a non-zero palette
+  index, is anomalous) and resized like the image (squashed to S x S), with
+  nearest-neighbour sampling so that it stays binary. A mask may have
+  another resolution than its image, but not another aspect ratio (that
+  would pair it with the wrong pixels).
 
   Args:
     entry: the manifest entry; `entry.mask` None gives zeros.
     size: output side S.
+    image_size: the image's (width, height) as decoded; None: read from
+      its file header.
 
   Returns:
     [S, S] uint8 in {0, 1}.
 
   Raises:
     DataError: naming the files for an undecodable mask, a mask of another
-      aspect ratio than its image, or a normal image with anomalous pixels.
+      aspect ratio than its image, a normal image with anomalous pixels or
+      an abnormal image whose mask is empty.
   """
   if entry.mask is None:
     return np.zeros((size, size), np.uint8)
-  full = np.asarray(_read(entry.mask, "mask").convert("L")) > MASK_THRESHOLD
-  if callable(entry.source):
+  full = decode_lib.read_mask(entry.mask)
+  if image_size is not None:
+    w, h = image_size
+  elif callable(entry.source):
     h, w = _pixels(entry).shape[:2]
   else:
-    with Image.open(entry.source) as image:  # the header only
-      w, h = image.size
+    w, h = decode_lib.image_size(entry.source)
   mh, mw = full.shape
   # Same aspect up to the rounding of a rescaled mask (half a pixel a side).
   if abs(mw * h - mh * w) > max(w, h, mw, mh):
@@ -287,17 +306,25 @@ def decode_mask(entry: Entry, size: int) -> np.ndarray:
   if entry.label == 0 and full.any():
     raise DataError(
       f"Normal image {entry.source} has a non-empty mask {entry.mask}"
-      f" ({int(full.sum())} pixels > {MASK_THRESHOLD})"
+      f" ({int(full.sum())} non-zero pixels)"
+    )
+  if entry.label == 1 and not full.any():
+    raise DataError(
+      f"Abnormal image {entry.source}: its mask {entry.mask} is empty (no"
+      " non-zero pixel), so it marks no anomaly; fix the mask, move the image"
+      f" to the normal class, or {SKIP_HINT}"
     )
   mask = Image.fromarray(full.astype(np.uint8)).resize(
     (size, size), Image.NEAREST
   )
   mask = np.asarray(mask, dtype=np.uint8)
   if entry.label == 1 and not mask.any():
-    why = (
-      "is empty" if not full.any() else f"has no pixel left at {size}x{size}"
-    )
+    # Thin defects can fall between the nearest-neighbour samples.
     logging.warning(
-      "Abnormal image %s: its mask %s %s", entry.source, entry.mask, why
+      "Abnormal image %s: its mask %s has no pixel left at %dx%d",
+      entry.source,
+      entry.mask,
+      size,
+      size,
     )
   return mask

@@ -20,6 +20,9 @@ may have one, which must then be empty; normals without one get zeros.
   it. MTD has no train/test split: `data.test_normal_fraction` (default 0.2)
   of the MT_Free images, drawn with `data.split_seed`, are the test normals,
   kept in `WORKDIR/split.json`; every defect image is a test abnormal.
+
+Hidden files and folders (names starting with ".": `.DS_Store`, `._*`,
+`.ipynb_checkpoints`) are ignored, as class or defect folders too.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 from absl import logging
 
-from jaxad.data import manifest, splits
+from jaxad.data import listing, manifest, splits
 
 FORMATS = ("mvtec", "bmad", "mtd")
 # What each layout expects, for the error when a folder is missing.
@@ -42,6 +45,15 @@ EXPECTED = {
 }
 MTD_NORMAL = "MT_Free"
 MTD_IMAGE_EXTENSIONS = (".jpg", ".jpeg")  # the .png files are the masks
+
+
+def subfolders(path: str) -> list[str]:
+  """Sorted names of the folders in `path`, hidden ones (".x") left out."""
+  return sorted(
+    c
+    for c in os.listdir(path)
+    if not c.startswith(".") and os.path.isdir(os.path.join(path, c))
+  )
 
 
 def _folder(path: str, layout: str) -> str:
@@ -71,6 +83,10 @@ def _entry(
       raise manifest.DataError(
         f"No mask for abnormal image {path}: expected {mask}"
       )
+    elif os.path.lexists(mask):  # a broken link is no missing mask
+      raise manifest.DataError(
+        f"Mask {mask} of {path}: {listing.unreadable(mask)}"
+      )
     else:
       mask = None
   return manifest.Entry(name, label, path, stamp, mask)
@@ -93,25 +109,23 @@ def _manifest(
   )
 
 
-def mvtec(data: Any, workdir: str) -> manifest.Manifest:
-  """MVTec AD's layout, one category (`workdir` is unused)."""
-  del workdir
+def mvtec(
+  data: Any, workdir: str, pending: splits.Pending
+) -> manifest.Manifest:
+  """MVTec AD's layout, one category (nothing is drawn)."""
+  del workdir, pending
   root = manifest.root_dir(data)
   category = str(manifest.get(data, "category", ""))
   base = os.path.join(root, category) if category else root
   if not os.path.isdir(base):
-    found = sorted(
-      c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c))
-    )
+    found = subfolders(root)
     raise FileNotFoundError(
       f"Category folder not found: {base} (data.category={category!r});"
       f" folders found in {root}: {found}"
     )
   train = _folder(os.path.join(base, "train", "good"), "mvtec")
   test = _folder(os.path.join(base, "test"), "mvtec")
-  classes = sorted(
-    c for c in os.listdir(test) if os.path.isdir(os.path.join(test, c))
-  )
+  classes = subfolders(test)
   if "good" not in classes or len(classes) < 2:
     raise manifest.DataError(
       f"{test} must hold the normal class folder 'good' and at least one"
@@ -133,9 +147,9 @@ def mvtec(data: Any, workdir: str) -> manifest.Manifest:
   return _manifest(data, name, {"normal": normal, "test": tuple(tests)}, params)
 
 
-def bmad(data: Any, workdir: str) -> manifest.Manifest:
-  """BMAD's layout (`valid/` is not read; `workdir` is unused)."""
-  del workdir
+def bmad(data: Any, workdir: str, pending: splits.Pending) -> manifest.Manifest:
+  """BMAD's layout (`valid/` is not read; nothing is drawn)."""
+  del workdir, pending
   root = manifest.root_dir(data)
   train = _folder(os.path.join(root, "train", "good", "img"), "bmad")
   normal = tuple(
@@ -149,7 +163,7 @@ def bmad(data: Any, workdir: str) -> manifest.Manifest:
       _entry(root, f"test/{c}/img/{f}", label, f"test/{c}/label/{f}")
       for f in manifest.list_images(folder)
     ]
-  others = set(os.listdir(os.path.join(root, "test"))) - {"good", "Ungood"}
+  others = set(subfolders(os.path.join(root, "test"))) - {"good", "Ungood"}
   if others:
     logging.warning(
       "bmad: not reading %s in %s (only good/ and Ungood/ are test classes)",
@@ -169,7 +183,9 @@ def _mtd_images(root: str, folder: str) -> list[str]:
   """Sorted `folder/Imgs/*.jpg` of MTD, relative to `root`."""
   imgs = _folder(os.path.join(root, folder, "Imgs"), "mtd")
   files = sorted(
-    f for f in os.listdir(imgs) if f.lower().endswith(MTD_IMAGE_EXTENSIONS)
+    f
+    for f in os.listdir(imgs)
+    if not f.startswith(".") and f.lower().endswith(MTD_IMAGE_EXTENSIONS)
   )
   if not files:
     raise manifest.DataError(f"{imgs} has no .jpg images")
@@ -181,8 +197,9 @@ def _mtd_mask(name: str) -> str:
   return os.path.splitext(name)[0] + ".png"
 
 
-def mtd(data: Any, workdir: str) -> manifest.Manifest:
-  """Magnetic Tile Defects with a seeded hold-out of test normals."""
+def mtd(data: Any, workdir: str, pending: splits.Pending) -> manifest.Manifest:
+  """Magnetic Tile Defects with a seeded hold-out of test normals (a new
+  split.json is queued in `pending`)."""
   root = manifest.root_dir(data)
   params = {
     "format": "mtd",
@@ -200,22 +217,21 @@ def mtd(data: Any, workdir: str) -> manifest.Manifest:
       seed=params["split_seed"],
       what=os.path.join(root, MTD_NORMAL),
     )
-    defects = sorted(
-      d
-      for d in os.listdir(root)
-      if d.startswith("MT_") and d != MTD_NORMAL
-      if os.path.isdir(os.path.join(root, d))
-    )
+    defects = [
+      d for d in subfolders(root) if d.startswith("MT_") and d != MTD_NORMAL
+    ]
     if not defects:
       raise manifest.DataError(f"No MT_<Defect> folder in {root}")
     split["test"]["1"] = [f for d in defects for f in _mtd_images(root, d)]
     return split
 
-  split = splits.resolve(workdir, params, draw_fn)
+  split, reused = splits.resolve(workdir, params, draw_fn, pending)
   path = os.path.join(workdir, splits.SPLIT_FILE)
 
   def part(*keys, label, masks):
     what = f"{path} " + "".join(f"[{k!r}]" for k in keys)
+    if reused:
+      what += f"; {splits.CHANGED_HINT}"
     return tuple(
       _entry(root, n, label, _mtd_mask(n) if masks else None, what)
       for n in splits.require(split, path, *keys)

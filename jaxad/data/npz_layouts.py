@@ -1,7 +1,9 @@
 """Layouts stored as numpy `.npz` files: MedMNIST, and the embedded set.
 
 `read_medmnist` validates a MedMNIST file (`train_images` [N, H, W] or
-[N, H, W, 3] uint8, `train_labels` [N, 1], same for `test_`); `embedded`
+[N, H, W, 3] uint8, `train_labels` [N, 1], same for `test_`) and
+`medmnist` draws its OC-SSL split (kept in `WORKDIR/split.json`), or takes
+its pool from `data.unlabeled_dir` (see `unlabeled_pool`); `embedded`
 serves the Kermany CXR set shipped in `jaxad/data/embedded/` (made by
 `scripts/make_embedded.py`).
 """
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxad.data import manifest
+from jaxad.data import manifest, splits, unlabeled_pool
 
 EMBEDDED_NAME = "embedded/kermany_cxr64"
 EMBEDDED_PATH = os.path.join(
@@ -27,7 +29,11 @@ def find_npz(root: str) -> str:
   """`root` itself if a file, else the single `.npz` inside the folder."""
   if os.path.isfile(root):
     return root
-  found = sorted(f for f in os.listdir(root) if f.lower().endswith(".npz"))
+  found = sorted(
+    f
+    for f in os.listdir(root)
+    if not f.startswith(".") and f.lower().endswith(".npz")
+  )
   if len(found) != 1:
     raise manifest.DataError(
       f"data.root {root} must be an .npz file or a folder holding exactly one"
@@ -139,3 +145,96 @@ def embedded(data: Any, workdir: str) -> manifest.Manifest:
   }
   params = {"format": "embedded", "root": path}
   return manifest.Manifest(EMBEDDED_NAME, int(data.image_size), parts, params)
+
+
+def medmnist(
+  data: Any, workdir: str, pending: splits.Pending
+) -> manifest.Manifest:
+  """A MedMNIST `.npz` with a seeded OC-SSL split of its train split (with
+  `data.unlabeled_dir`: every train normal is a known normal, and the
+  pool is that folder's images, listed in split.json)."""
+  path = find_npz(manifest.root_dir(data))
+  arrays = read_medmnist(path)
+  normal_label = int(manifest.get(data, "normal_label", 0))
+  params = {
+    "format": "medmnist",
+    "root": path,
+    "normal_label": normal_label,
+    **unlabeled_pool.split_params(data),
+    "split_seed": int(manifest.get(data, "split_seed", 0)),
+  }
+  labels = {s: arrays[f"{s}_labels"] != normal_label for s in ("train", "test")}
+  for s, abnormal in labels.items():
+    # With a real pool, the train split's abnormals are not used.
+    pool_only = s == "train" and "unlabeled_dir" in params
+    if abnormal.all() or not (abnormal.any() or pool_only):
+      raise manifest.DataError(
+        f"{path}: {s}_labels must hold both normal_label={normal_label} and"
+        f" other labels; found {sorted(set(arrays[f'{s}_labels'].tolist()))}"
+      )
+
+  pool_dir = params.get("unlabeled_dir", "")
+  if pool_dir:  # nothing is drawn
+    del params["split_seed"]
+
+  def draw_fn():
+    train = labels["train"]
+    normals = np.flatnonzero(~train).tolist()
+    if pool_dir:
+      files = unlabeled_pool.listing(pool_dir)
+      names = [f"{unlabeled_pool.PREFIX}/{f}" for f in files]
+      return {"normal": normals, "unlabeled": {unlabeled_pool.KEY: names}}
+    return splits.draw(
+      normals,
+      np.flatnonzero(train).tolist(),
+      unlabeled_size=params["unlabeled_size"],
+      anomaly_rate=params["anomaly_rate"],
+      seed=params["split_seed"],
+      what=f"{path} train split",
+    )
+
+  split, _ = splits.resolve(workdir, params, draw_fn, pending)
+  split_path = os.path.join(workdir, splits.SPLIT_FILE)
+  stamp = manifest.file_stamp(path)
+  train = arrays["train_images"]
+
+  def part(indices, label, images, prefix):
+    for i in indices:
+      if not isinstance(i, int) or not 0 <= i < len(images):
+        raise manifest.DataError(
+          f"{split_path}: index {i!r} out of range for {prefix}_images"
+          f" [{len(images)}, ...]"
+        )
+    return tuple(
+      manifest.Entry(
+        f"{prefix}/{i:05d}",
+        label,
+        functools.partial(images.__getitem__, i),
+        f"{stamp}:{prefix}:{i}",
+      )
+      for i in indices
+    )
+
+  def train_part(*keys, label):
+    return part(splits.require(split, split_path, *keys), label, train, "train")
+
+  test = arrays["test_images"]
+  test_abnormal = labels["test"]
+  if pool_dir:
+    names = splits.require(split, split_path, "unlabeled", unlabeled_pool.KEY)
+    unlabeled = unlabeled_pool.entries(
+      pool_dir, [unlabeled_pool.file_name(n, split_path) for n in names]
+    )
+  else:
+    unlabeled = train_part("unlabeled", "0", label=0) + train_part(
+      "unlabeled", "1", label=1
+    )
+  parts = {
+    "normal": train_part("normal", label=0),
+    "unlabeled": unlabeled,
+    # Test order: normals then abnormals, each in index order.
+    "test": part(np.flatnonzero(~test_abnormal).tolist(), 0, test, "test")
+    + part(np.flatnonzero(test_abnormal).tolist(), 1, test, "test"),
+  }
+  name = os.path.splitext(os.path.basename(path))[0]
+  return manifest.Manifest(name, int(data.image_size), parts, params)

@@ -6,6 +6,17 @@ array_record) and reads the three splits back through their data sources,
 so what is trained on is exactly what is cached. A seeded fraction of the
 known normals is held out as calibration normals (never trained on; their
 scores set the decision threshold), recorded in W/split.json.
+
+Every check on the data runs before W/split.json is written: the layout's
+(`layouts.build`: listing, test classes, duplicates across parts, before
+any image is decoded), decoding every image, then the calibration draw's
+(its record, duplicates between calibration and trained normals); only
+then are the drawn split and the calibration record written. A run
+refused for its data leaves no split.json, so the corrected data draws
+afresh.
+
+A test part may be empty (a `folders` root without `test/`): the arrays
+are then [0, S, S, C], and there is nothing to evaluate.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from absl import logging
 
-from jaxad.data import layouts, splits
+from jaxad.data import layouts, leakage, splits, unlabeled_pool
 from jaxad.data import manifest as manifest_lib
 
 if TYPE_CHECKING:  # tfds is imported only to prepare data, not to train on
@@ -32,8 +43,11 @@ class OneClassData:
     normal: [N0, S, S, C] uint8 known normals (C = data.channels, 1 or 3),
       the calibration normals excluded: what a method trains on.
     unlabeled: [NU, S, S, C] uint8 unlabeled pool (may be [0, S, S, C]).
-    unlabeled_labels: [NU] int32 ground truth of the pool, for reporting only.
-    test: [NT, S, S, C] uint8 test images, normals first.
+    unlabeled_labels: [NU] int32 ground truth of the pool, for reporting
+      only; -1 (`unlabeled_pool.UNKNOWN`) where it is unknown (a real pool,
+      `data.unlabeled_dir`): never a class.
+    test: [NT, S, S, C] uint8 test images, normals first; [0, S, S, C]
+      without a test split (nothing to evaluate).
     test_labels: [NT] int32, 0 normal, 1 abnormal.
     test_names: the NT test image names, in order.
     test_masks: [NT, S, S] uint8 pixel ground truth in {0, 1} (1 =
@@ -75,6 +89,7 @@ def hold_out_calibration(
   seed: int,
   what: str,
   empty: dict | None = None,
+  pending: splits.Pending | None = None,
 ) -> np.ndarray:
   """Draws (`splits.draw_calibration`) and records the calibration normals.
 
@@ -88,6 +103,8 @@ def hold_out_calibration(
     what: the dataset, for messages.
     empty: a new split.json's content besides the record (see
       `splits.record_calibration`).
+    pending: where a new record is queued, to be written once the data is
+      checked; None writes it now (an existing record is checked now).
 
   Returns:
     [N] bool, True for the calibration normals.
@@ -101,7 +118,7 @@ def hold_out_calibration(
       "seed": int(seed),
       "names": [names[i] for i in pick],
     }
-    splits.record_calibration(workdir, record, empty)
+    splits.record_calibration(workdir, record, empty, pending)
   held = np.zeros(len(names), bool)
   held[pick] = True
   return held
@@ -109,6 +126,9 @@ def hold_out_calibration(
 
 def prepare(data: Any, workdir: str) -> builder_lib.OneClassDataset:
   """Builds the layout's manifest and prepares it (once; then cached).
+
+  A newly drawn split is written to W/split.json only once every image is
+  decoded.
 
   Args:
     data: the `data` config (format, root, image_size, channels, split
@@ -120,8 +140,38 @@ def prepare(data: Any, workdir: str) -> builder_lib.OneClassDataset:
   """
   from jaxad.data import builder as builder_lib  # tfds: see the top
 
-  manifest = layouts.build(data, workdir)
-  return builder_lib.prepare(manifest, manifest_lib.get(data, "cache_dir", ""))
+  pending = splits.Pending()
+  manifest = layouts.build(data, workdir, pending)
+  builder = builder_lib.prepare(
+    manifest, manifest_lib.get(data, "cache_dir", ""), workdir
+  )
+  pending.write()
+  return builder
+
+
+def check_calibration(
+  data: Any, manifest: manifest_lib.Manifest, held: np.ndarray
+) -> None:
+  """Refuses a calibration normal identical to a trained known normal
+  (`leakage.check`; `data.allow_duplicates` overrides): its score would
+  set the threshold as if it had never been seen.
+
+  Args:
+    data: the `data` config.
+    manifest: the layout's manifest.
+    held: [N] bool over its known normals, True for calibration normals.
+  """
+  if not held.any():
+    return
+  normal = manifest.parts["normal"]
+  leakage.check(
+    {
+      "trained normal": [e for e, h in zip(normal, held, strict=True) if not h],
+      "calibration": [e for e, h in zip(normal, held, strict=True) if h],
+    },
+    allow=leakage.allowed(data),
+    what=str(manifest.params.get("root", manifest.name)),
+  )
 
 
 def load(
@@ -142,17 +192,26 @@ def load(
     as [N, S, S, C] uint8, and the test masks where the layout has them.
 
   Raises:
-    DataError: a fraction outside [0, 1), or a resumed run whose recorded
-      calibration split differs (see `splits.record_calibration`).
+    DataError: a fraction outside [0, 1) (before anything is read), any
+      check of `layouts.build` (before any image is decoded), an image
+      that cannot be decoded, a resumed run whose recorded calibration
+      split differs (see `splits.record_calibration`), or a calibration
+      duplicate (`check_calibration`); all before W/split.json is written.
   """
   from jaxad.data import builder as builder_lib  # tfds: see the top
 
   splits.check_calibration_fraction(calibration_fraction)
-  builder = prepare(data, workdir)
+  pending = splits.Pending()
+  builder = builder_lib.prepare(
+    layouts.build(data, workdir, pending),
+    manifest_lib.get(data, "cache_dir", ""),
+    workdir,
+  )
+  # The builder's manifest: what was stored (a file left out while
+  # decoding, with data.skip_unreadable, is not in it).
+  manifest = builder.manifest
   normal = builder_lib.read_split(builder, "normal")
-  unlabeled = builder_lib.read_split(builder, "unlabeled")
-  test = builder_lib.read_split(builder, "test")
-  names = tuple(e.name for e in builder.manifest.parts["normal"])
+  names = tuple(e.name for e in manifest.parts["normal"])
   if names != normal["name"]:
     raise manifest_lib.DataError(
       f"Corrupt cache {builder.data_dir}: its known normals are not the"
@@ -163,10 +222,15 @@ def load(
     names,
     fraction=calibration_fraction,
     seed=int(manifest_lib.get(data, "split_seed", 0)),
-    what=builder.manifest.name,
+    what=manifest.name,
+    pending=pending,
   )
+  check_calibration(data, manifest, held)
+  pending.write()  # every check has passed, every image is decoded
+  unlabeled = builder_lib.read_split(builder, "unlabeled")
+  test = builder_lib.read_split(builder, "test")
   out = OneClassData(
-    name=builder.manifest.name,
+    name=manifest.name,
     normal=normal["image"][~held],
     unlabeled=unlabeled["image"],
     unlabeled_labels=unlabeled["label"],
@@ -178,16 +242,20 @@ def load(
     calibration=normal["image"][held],
     calibration_names=tuple(n for n, h in zip(names, held, strict=True) if h),
   )
+  pool_labels = out.unlabeled_labels
+  if (pool_labels == unlabeled_pool.UNKNOWN).any():
+    pool = f"{len(out.unlabeled)} unlabeled (classes unknown)"
+  else:
+    pool = f"{len(out.unlabeled)} unlabeled ({int(pool_labels.sum())} abnormal)"
   logging.info(
-    "Loaded %s: %d known normals (+%d calibration), %d unlabeled (%d"
-    " abnormal), %d test (%d abnormal), images %s, %s",
+    "Loaded %s: %d known normals (+%d calibration), %s, %s, images %s, %s",
     out.name,
     len(out.normal),
     len(out.calibration),
-    len(out.unlabeled),
-    int(out.unlabeled_labels.sum()),
-    len(out.test),
-    int(out.test_labels.sum()),
+    pool,
+    f"{len(out.test)} test ({int(out.test_labels.sum())} abnormal)"
+    if len(out.test)
+    else "no test split (nothing to evaluate)",
     out.test.shape[1:],
     "with masks" if out.test_masks is not None else "no masks",
   )

@@ -12,22 +12,65 @@ Every method also holds out calibration normals, never trained on, whose
 scores set the decision threshold (`eval.calibration_fraction`,
 `draw_calibration`); they are recorded under split.json's "calibration"
 key (`record_calibration`), beside whatever the layout wrote there.
+
+split.json is written only once the data has passed every check (listing,
+leakage, decoding): the loaders collect what to write in a `Pending` and
+write it after the images are prepared. A run refused for its data thus
+leaves no split.json behind, and the corrected data draws afresh.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import json
 import os
 import tempfile
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
+from jaxad import sharding
 from jaxad.data import manifest
 
 SPLIT_FILE = "split.json"
+# Added to the message of a file that a reused split.json lists but that is
+# gone: the data changed after the split was drawn.
+CHANGED_HINT = (
+  "the data changed since the split was drawn: restore it, or use a new"
+  " workdir (or delete split.json) to draw a new split"
+)
+
+
+@dataclasses.dataclass
+class Pending:
+  """Split records to write once the data has passed every check.
+
+  Attributes:
+    updates: (path, update) in the order added; `write` replaces the JSON
+      object at path (None when there is no file) by update(object).
+  """
+
+  updates: list[
+    tuple[str, collections.abc.Callable[[dict[str, Any] | None], dict]]
+  ] = dataclasses.field(default_factory=list)
+
+  def add(
+    self,
+    path: str,
+    update: collections.abc.Callable[[dict[str, Any] | None], dict],
+  ) -> None:
+    """Queues update(current content of path) to be written to path."""
+    self.updates.append((path, update))
+
+  def write(self) -> None:
+    """Writes every queued record, in order, each atomically; then empties
+    the queue (a second call writes nothing)."""
+    updates, self.updates = self.updates, []
+    for path, update in updates:
+      write_json(path, update(read_json(path)))
 
 
 def unlabeled_counts(
@@ -194,7 +237,10 @@ def draw_calibration(
 
 
 def record_calibration(
-  workdir: str, record: dict[str, Any], empty: dict[str, Any] | None = None
+  workdir: str,
+  record: dict[str, Any],
+  empty: dict[str, Any] | None = None,
+  pending: Pending | None = None,
 ) -> None:
   """Records the calibration split in W/split.json, or checks the record.
 
@@ -204,6 +250,9 @@ def record_calibration(
     empty: what a new split.json holds besides the record when the layout
       wrote none ({} by default); a layout's "params" stay as they are, so
       `resolve` still accepts the file.
+    pending: where to queue a new record, to be written once the data is
+      checked (`Pending.write`); None writes it now. An existing record is
+      checked now either way.
 
   Raises:
     DataError: split.json is unreadable or not a JSON object, or holds
@@ -217,8 +266,16 @@ def record_calibration(
     raise manifest.DataError(f"{path}: expected a JSON object")
   old = split.get(CALIBRATION)
   if old is None:
-    split[CALIBRATION] = record
-    write_json(path, split)
+
+    def update(current):
+      if not isinstance(current, dict):  # no file, or the layout's is queued
+        current = dict(empty or {})
+      return {**current, CALIBRATION: record}
+
+    if pending is None:
+      write_json(path, update(read_json(path)))
+    else:
+      pending.add(path, update)
     logging.info(
       "Held out %d calibration normals (fraction %s, seed %s): %s",
       len(record["names"]),
@@ -252,16 +309,20 @@ def resolve(
   workdir: str,
   params: dict[str, Any],
   draw_fn: collections.abc.Callable[[], dict[str, Any]],
-) -> dict[str, Any]:
-  """Re-uses `WORKDIR/split.json` if present, else draws and writes it.
+  pending: Pending | None = None,
+) -> tuple[dict[str, Any], bool]:
+  """Re-uses `WORKDIR/split.json` if present, else draws a split.
 
   Args:
     workdir: the run's directory.
     params: what the split depends on (format, root, seed, sizes...).
     draw_fn: makes the split dict (see `draw`) when there is none yet.
+    pending: where a new split is queued, to be written once the data is
+      checked (`Pending.write`); None writes it now.
 
   Returns:
-    The split dict, with "params" added.
+    (the split dict with "params" added, whether it was re-used from
+    split.json).
 
   Raises:
     DataError: if an existing split.json is invalid or was drawn with other
@@ -288,13 +349,16 @@ def resolve(
         " (or delete split.json) to draw a new split."
       )
     logging.info("Re-using the one-class split in %s", path)
-    return split
+    return split, True
   split = {"params": params, **draw_fn()}
-  write_json(path, split)
+  if pending is None:
+    write_json(path, split)
+  else:  # merged over whatever the file holds when it is written
+    pending.add(path, lambda current: {**(current or {}), **split})
   logging.info(
-    "Drew a one-class split (seed %s), wrote %s", params.get("split_seed"), path
+    "Drew a one-class split (seed %s) for %s", params.get("split_seed"), path
   )
-  return split
+  return split, False
 
 
 def read_json(path: str) -> Any:
@@ -314,13 +378,21 @@ def read_json(path: str) -> Any:
 
 def write_json(path: str, record: dict) -> None:
   """Writes `record` to `path` atomically (a temporary file, then a
-  rename), so that a crash never leaves a half-written split."""
-  folder = os.path.dirname(path) or "."
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".split.", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, path)
+  rename), so that a crash never leaves a half-written split.
+
+  In a multi-process job process 0 writes (every process draws the same
+  split from the same seed) and every process waits until it has, so that
+  none reads the workdir's splits before they are there: every process
+  must call it at the same points.
+  """
+  if jax.process_index() == 0:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".split.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+      json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+  sharding.sync_processes(f"wrote {path}")
 
 
 def require(split: dict[str, Any], path: str, *keys: str) -> Any:

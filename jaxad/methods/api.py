@@ -29,7 +29,7 @@ Adding a method
 2. `configs/<name>.py` with `get_config(arg)` and a `:smoke` argument: the
    conformance test (tests/conformance_test.py) then runs the whole
    contract on it. The shared code reads these keys: `method`, `seed`,
-   `epochs` (only in messages), `mesh.data`, `eval.{batch_size,
+   `epochs` (only in messages), `mesh.{data, member}`, `eval.{batch_size,
    calibration_fraction, target_specificity}`,
    `train.{batch_size, log_every, checkpoint_every, steps_per_call}`,
    `data.{image_size, channels, cache_dir}` (bench, default loader) and
@@ -39,8 +39,15 @@ Adding a method
 Lifecycle of a run
 ------------------
 1. `check_config(config)`: refuse an impossible config before anything is
-   written to the workdir (raise ValueError/FileNotFoundError naming the
-   key).
+   written to the workdir, any data is read or anything is compiled
+   (within a second): `jaxad.config_checks.check_shared` (epochs, batch
+   sizes, learning rates, fractions, data.format / data.root), then the
+   method's own keys (e.g. the image sizes its networks can take). Raise
+   `config_checks.ConfigError` (a ValueError) or `ConfigPathError` (a
+   FileNotFoundError) naming the key, the value and what is allowed; the
+   `config_checks.config_errors` decorator turns a check's other
+   ValueError/FileNotFoundError into these, which the CLI prints as one
+   line.
 2. `load_data(config, workdir)`: the run's data; it must provide the
    `EvalData` fields. Default: `jaxad.data.oneclass.load`. Its
    `calibration` images are normals held out from training (a seeded
@@ -375,7 +382,8 @@ class Method(Protocol):
   rescoring_changes, load_data, synthetic_data, score_context)."""
 
   def check_config(self, config: Config) -> None:
-    """Raises ValueError/FileNotFoundError naming the key; writes nothing."""
+    """Raises `config_checks.ConfigError` / `ConfigPathError` naming the
+    key, the value and what is allowed; reads no data, writes nothing."""
 
   def trains(self, config: Config) -> bool:
     """False when `init_state` alone is the model scored (a zero-shot
@@ -439,7 +447,13 @@ class Defaults:
   """The optional members' defaults; a method may subclass it."""
 
   def check_config(self, config: Config) -> None:
-    del config
+    """The checks every method shares (`jaxad.config_checks.check_shared`):
+    a method that overrides this calls them too."""
+    from jaxad import config_checks
+
+    config_checks.check_shared(
+      config, trains=self.trains(config), method=config.method
+    )
 
   def trains(self, config: Config) -> bool:
     del config

@@ -23,10 +23,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxad import config_checks
 from jaxad.methods import api
 from jaxad.methods.d24fad import episodes, forward
 from jaxad.methods.d24fad.learn_to_weight import LearnToWeight
-from jaxad.models import reverse_decoder, teacher
+from jaxad.models import resnet, reverse_decoder, teacher
 
 Array = jax.Array
 SCORE = "d24fad"
@@ -134,17 +135,63 @@ def train_step(state, inputs, local_step, *, tx, draw, bn_mode):
 class D24FAD(api.Defaults):
   """The D²4FAD method object (see jaxad/methods/api.py)."""
 
+  @config_checks.config_errors
   def check_config(self, config: mlc.ConfigDict) -> None:
+    """Refuses an impossible D²4FAD config before any data or compute.
+
+    Raises:
+      ConfigError: a shared check (`jaxad.config_checks`), no teacher
+        weights, an unknown BN mode, a teacher without bottlenecks, block
+        counts the networks refuse, an image size whose features the
+        decoder cannot meet, not 3 channels, or a bad data.sources /
+        data.target / shots / support (`fewshot.check_config`), or a source
+        root of the wrong kind.
+      ConfigPathError: a teacher checkpoint or data.root that does not
+        exist.
+    """
+    config_checks.check_shared(config, trains=True, method="D²4FAD")
     teacher.check_weights(
       config.model.teacher_weights,
       config.model.variant,
       method="D²4FAD",
       offline=" (or configs/d24fad.py:offline)",
     )
-    if config.model.bn_mode not in forward.BN_MODES:
+    m = config.model
+    if m.bn_mode not in forward.BN_MODES:
       raise ValueError(
         f"config.model.bn_mode must be one of {list(forward.BN_MODES)}, "
-        f"got {config.model.bn_mode!r}"
+        f"got {m.bn_mode!r}"
+      )
+    if resnet.VARIANTS.get(m.variant, ("",))[0] != "bottleneck":
+      # The decoder mirrors a bottleneck ResNet's layer1..4 widths.
+      raise config_checks.refuse(
+        "model.variant",
+        m.variant,
+        "a bottleneck ResNet, one of"
+        f" {[v for v, b in resnet.VARIANTS.items() if b[0] == 'bottleneck']}",
+      )
+    blocks = tuple(m.teacher_blocks)
+    if blocks and (len(blocks) != 4 or min(blocks) < 1):
+      raise config_checks.refuse(
+        "model.teacher_blocks", blocks, "() or 4 stages of >= 1 block each"
+      )
+    blocks = tuple(m.decoder_blocks)
+    if len(blocks) != 3 or min(blocks) < 1:
+      raise config_checks.refuse(
+        "model.decoder_blocks", blocks, "3 stages of >= 1 block each"
+      )
+    config_checks.check_int("model.width_per_group", m.width_per_group, 1)
+    size = config.data.image_size
+    # The stem halves S twice (ceil: conv and max-pool, padded) to layer1's
+    # L1; layer2..4 halve again, and the decoder doubles layer4 three times
+    # to meet layer3..1: exact only when L1 is a multiple of 8.
+    if -(-size // 4) % 8:
+      raise config_checks.refuse(
+        "data.image_size",
+        size,
+        "ceil(image_size / 4) must be a multiple of 8, so that the decoder's"
+        " three 2x upsamplings of layer4 meet the teacher's layer3..1 (e.g."
+        " a multiple of 32: 64, 128, 224, 256)",
       )
     if config.data.channels != 3:
       raise ValueError(
@@ -153,7 +200,11 @@ class D24FAD(api.Defaults):
       )
     from jaxad.data import fewshot  # tfds only when data is prepared
 
-    fewshot.check_config(config.data)  # sources, target, shots: no decoding
+    # Sources, target, shots: no decoding. Then each entry's root.
+    entries, _ = fewshot.check_config(config.data)
+    for e in entries:
+      if e.format in config_checks.LAYOUTS:
+        config_checks.check_source(e.data, f"data.sources[{e.name!r}]")
 
   def rescoring_changes(self) -> tuple[str, ...]:
     # The support set is an input of scoring, not a weight: another K or

@@ -13,9 +13,11 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
+from jaxad import config_checks
 from jaxad.data import resident
 from jaxad.methods import api
 from jaxad.methods.ddad import ensembles, refine
+from jaxad.models import autoencoder, layers
 
 _DESCRIPTIONS = {
   "rec": "ensemble reconstruction error (NDM mean); image score: spatial mean",
@@ -30,10 +32,64 @@ _DESCRIPTIONS = {
 class DDAD(api.Defaults):
   """The DDAD-ASR method object (see jaxad/methods/api.py)."""
 
+  @config_checks.config_errors
   def check_config(self, config: mlc.ConfigDict) -> None:
+    """Refuses an impossible DDAD config before any data or compute.
+
+    Raises:
+      ConfigError: a shared check (`jaxad.config_checks`), fewer than 2
+        members, an image size the AE cannot take, an unknown backbone,
+        upsampling, dtype or member strategy, a layer width below 1, a
+        refinement stage that trains no epoch or has unknown inputs, or an
+        anomaly rate the embedded set's fixed pool does not have.
+    """
+    config_checks.check_shared(config, trains=True, method="DDAD")
+    config_checks.check_embedded_pool(config)
+    m = config.model
+    if m.num_members < 2:
+      # The intra-discrepancy map is the members' unbiased std (ddof=1).
+      raise config_checks.refuse(
+        "model.num_members",
+        m.num_members,
+        "DDAD's intra-discrepancy needs K >= 2 members (the std over the"
+        " NDM's members)",
+      )
+    size = config.data.image_size
+    if size % 16:
+      raise config_checks.refuse(
+        "data.image_size",
+        size,
+        "must be a multiple of 16: DDAD's AE halves it 4 times (e.g. 32, 64,"
+        " 128)",
+      )
+    if m.backbone not in autoencoder.BACKBONES:
+      raise config_checks.refuse(
+        "model.backbone", m.backbone, f"one of {list(autoencoder.BACKBONES)}"
+      )
+    if m.upsample not in ("subpixel", "direct"):
+      raise config_checks.refuse(
+        "model.upsample", m.upsample, "one of ['subpixel', 'direct']"
+      )
+    config_checks.check_int("model.latent_size", m.latent_size, 1)
+    # The AE's narrowest layer has int(16 * width) channels.
+    if not m.width > 0 or int(16 * m.width) < 1:
+      raise config_checks.refuse(
+        "model.width",
+        m.width,
+        "must be >= 1/16 (the narrowest layer has int(16 * width) channels)",
+      )
+    if m.backbone == "memae":
+      config_checks.check_int("model.memory_slots", m.memory_slots, 1)
+    layers.compute_dtype(m.compute_dtype)
     ensembles.member_strategy(config)
     if config.refine.enabled:
       refine.score_name(config)
+      config_checks.check_int(
+        "refine.epochs",
+        config.refine.epochs,
+        1,
+        " with refine.enabled=True (or turn the stage off)",
+      )
 
   def resumable_changes(self, stored: dict) -> tuple[str, ...]:
     # A refinement stage may be added to a run trained without one.

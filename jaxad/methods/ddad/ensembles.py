@@ -9,6 +9,11 @@ where each member samples its batch (no host input per step).
 Because the UDM set is larger, the UDM needs more steps for the same number of
 epochs: the run has two phases, "ensembles" (both modules) and then
 "udm_tail" (the UDM alone, for the steps the NDM does not need).
+
+With `config.mesh.member` = n > 1, each module's K members are split over
+the mesh's `member` axis (K / n per member group, `jaxad.sharding`): every
+group trains and scores its own members, each member's batch split over
+the group's `data` devices.
 """
 
 import functools
@@ -19,6 +24,7 @@ import ml_collections as mlc
 import optax
 from flax import nnx
 
+from jaxad import sharding
 from jaxad.data import resident
 from jaxad.methods import api
 from jaxad.models import autoencoder, layers
@@ -131,13 +137,28 @@ def optimizer(config: mlc.ConfigDict) -> optax.GradientTransformation:
   return optax.adam(o.lr, b1=o.b1, b2=o.b2)
 
 
+def check_members(config: mlc.ConfigDict) -> None:
+  """Raises ValueError unless config.mesh.member divides model.num_members."""
+  sharding.check_members(
+    config.model.num_members, config.mesh, "config.model.num_members"
+  )
+
+
 def init(config: mlc.ConfigDict) -> tuple[dict, dict, dict, nnx.GraphDef]:
   """K members per module, each with its own init key.
 
   Returns:
     ({module: params}, {module: batch_stats}, {module: opt_state},
-    graphdef); every leaf has a leading member axis [K, ...].
+    graphdef); every leaf has a leading member axis [K, ...], split over
+    the mesh of `config.mesh` (`sharding.place_members`), which the loop's
+    placement keeps.
+
+  Raises:
+    ValueError: K not divisible by config.mesh.member, or a mesh the
+      devices do not allow.
   """
+  check_members(config)
+  mesh = sharding.make_mesh(config.mesh)
   graphdef = nnx.graphdef(
     nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
   )
@@ -158,7 +179,9 @@ def init(config: mlc.ConfigDict) -> tuple[dict, dict, dict, nnx.GraphDef]:
     keys = jax.random.split(
       jax.random.fold_in(root, i), config.model.num_members
     )
-    params[module], stats[module], opt[module] = init_module(keys)
+    params[module], stats[module], opt[module] = sharding.place_members(
+      init_module(keys), mesh
+    )
   return params, stats, opt, graphdef
 
 
@@ -227,20 +250,27 @@ def train_step(
       loss_kw=loss_kw,
     )
 
-    def member(p, s, o, key, module=module, update=update):
-      idx = resident.sample_indices(
-        num_images[module], state.step, key, batch_size
-      )
-      x = api.shard_batch(resident.to_unit_range(inputs["images"][idx]))
-      return update(p, s, o, x)
+    # The members of this device's member group (all K without a member
+    # axis); the step and the images are read by every member.
+    def members(p, s, o, keys, step, images, module=module, update=update):
+      def member(p, s, o, key):
+        idx = resident.sample_indices(num_images[module], step, key, batch_size)
+        x = api.shard_batch(resident.to_unit_range(images[idx]))
+        return update(p, s, o, x)
 
-    params[module], stats[module], opt[module], loss, gnorm = _over_members(
-      member,
-      strategy,
-      params[module],
-      stats[module],
-      opt[module],
-      inputs["data_keys"][module],
+      return _over_members(member, strategy, p, s, o, keys)
+
+    params[module], stats[module], opt[module], loss, gnorm = (
+      sharding.over_members(
+        members,
+        (
+          params[module],
+          stats[module],
+          opt[module],
+          inputs["data_keys"][module],
+        ),
+        (state.step, inputs["images"]),
+      )
     )
     metrics[f"{module}_loss"] = jnp.mean(loss)
     metrics[f"{module}_loss_max"] = jnp.max(loss)
@@ -268,6 +298,7 @@ def phases(
     images: [N0 + NU, S, S, 1] uint8, the known normals first.
     num: {"ndm": N0, "udm": N0 + NU}.
   """
+  check_members(config)
   b = config.train.batch_size
   steps = {m: config.epochs * (n // b) for m, n in num.items()}
   inputs = {"images": images, "data_keys": data_keys(config)}
@@ -306,13 +337,16 @@ def phases(
 
 
 def _forward(model, module, x, strategy):
-  def one(p, s):
-    out, _ = nnx.merge(model.graphdefs[module], p, s)(x, train=False)
-    return out
+  def members(params, stats, x):
+    def one(p, s):
+      out, _ = nnx.merge(model.graphdefs[module], p, s)(x, train=False)
+      return out
 
-  return _over_members(
-    one, strategy, model.params[module], model.batch_stats[module]
-  )  # (K, B, H, W, C_out)
+    return _over_members(one, strategy, params, stats)
+
+  return sharding.over_members(
+    members, (model.params[module], model.batch_stats[module]), (x,)
+  )  # (K, B, H, W, C_out), split over the member axis
 
 
 def ensemble_maps(

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
+from jaxad import config_checks
 from jaxad.data import resident
 from jaxad.methods import api
 from jaxad.methods.multiad import losses, nets
-from jaxad.models import teacher
+from jaxad.models import resnet, teacher
 
 Array = jax.Array
 SCORE = "multiad"  # the key in eval.json
@@ -171,12 +172,61 @@ def train_step(
 # -------------------------------------------------------------------- method
 
 
+def _check_networks(m: mlc.ConfigDict) -> None:
+  """The teacher's and student's `resnet.ResNet` arguments and D's, as
+  the constructors would refuse them, without building anything."""
+  if m.variant not in resnet.VARIANTS:
+    raise config_checks.refuse(
+      "model.variant", m.variant, f"one of {list(resnet.VARIANTS)}"
+    )
+  for key in ("se", "teacher_se"):
+    if m[key] not in resnet.SE_MODES:
+      raise config_checks.refuse(
+        f"model.{key}", m[key], f"one of {list(resnet.SE_MODES)}"
+      )
+  blocks = tuple(m.num_blocks)
+  if blocks and (len(blocks) != 4 or min(blocks) < 1):
+    raise config_checks.refuse(
+      "model.num_blocks", blocks, "() or 4 stages of >= 1 block each"
+    )
+  basic = resnet.VARIANTS[m.variant][0] == "basic"
+  for key in ("student_dilation", "teacher_dilation"):
+    dilation = tuple(m[key])
+    if len(dilation) != 4 or min(dilation) < 1:
+      raise config_checks.refuse(
+        f"model.{key}", dilation, "4 dilations >= 1, one per stage"
+      )
+    if basic and max(dilation) > 1:
+      raise config_checks.refuse(
+        f"model.{key}",
+        dilation,
+        f"basic blocks ({m.variant}) support only dilation 1, as torchvision's",
+      )
+  config_checks.check_int("model.se_reduction", m.se_reduction, 1)
+  channels = tuple(m.disc_channels)
+  if not channels or min(channels) < 1:
+    raise config_checks.refuse(
+      "model.disc_channels", channels, "one or more widths >= 1"
+    )
+
+
 class MultiAD(api.Defaults):
   """The Multi-AD method object (see jaxad/methods/api.py)."""
 
+  @config_checks.config_errors
   def check_config(self, config: mlc.ConfigDict) -> None:
-    """Raises ValueError (no teacher weights, unknown fusion) or
-    FileNotFoundError (a teacher checkpoint path that does not exist)."""
+    """Refuses an impossible Multi-AD config before any data or compute.
+
+    Any image size works (the maps are resized to it; layer4 is
+    ceil(S / 32) wide).
+
+    Raises:
+      ConfigError: a shared check (`jaxad.config_checks`), no teacher
+        weights, an unknown fusion, variant or SE mode, a network shape
+        the ResNet refuses, or a Gaussian the score cannot use.
+      ConfigPathError: a teacher checkpoint path that does not exist.
+    """
+    config_checks.check_shared(config, trains=True, method="Multi-AD")
     teacher.check_weights(
       config.model.teacher_weights,
       config.model.variant,
@@ -184,6 +234,9 @@ class MultiAD(api.Defaults):
       offline=" (or configs/multiad.py:offline)",
     )
     losses.check_fusion(config.score.fusion)
+    _check_networks(config.model)
+    # The score's Gaussian (also refuses a sigma <= 0, an even width).
+    losses.gaussian_kernel(config.score.sigma, config.score.kernel_size)
 
   def init_state(self, config: mlc.ConfigDict) -> api.TrainState:
     """Fresh student and discriminator, the frozen teacher; unplaced."""

@@ -39,11 +39,10 @@ from flax import nnx
 
 from jaxad.data import oneclass
 from jaxad.methods import api
-from jaxad.methods.ppad import frozen_clip, prompts, sas
-from jaxad.models import clip as clip_model
+from jaxad.methods.ppad import config_check, frozen_clip, prompts, sas
 from jaxad.models import clip_tokenizer
 
-MODES = ("ppad", "zero_shot")
+MODES = config_check.MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,50 +127,8 @@ class PPAD(api.Defaults):
   """jaxad.methods.ppad.METHOD."""
 
   def check_config(self, config: mlc.ConfigDict) -> None:
-    m = config.model
-    if m.mode not in MODES:
-      raise ValueError(f"config.model.mode={m.mode!r}; valid: {MODES}")
-    if not m.clip_weights:
-      raise ValueError(
-        "config.model.clip_weights is empty: PPAD needs a frozen CLIP,"
-        f" {frozen_clip.CHEXZERO}"
-      )
-    if (
-      m.clip_weights == frozen_clip.RANDOM
-      and m.clip_arch not in clip_model.ARCHITECTURES
-    ):
-      raise ValueError(
-        f"config.model.clip_arch={m.clip_arch!r}; valid:"
-        f" {list(clip_model.ARCHITECTURES)}"
-      )
-    for key in ("clip_weights", "prompts_checkpoint"):
-      path = m[key]
-      if path and path != frozen_clip.RANDOM and not os.path.isfile(path):
-        raise FileNotFoundError(f"config.model.{key}: no file {path}")
-    if m.mode == "zero_shot" and m.prompts_checkpoint:
-      raise ValueError(
-        "config.model.prompts_checkpoint is for mode=ppad; the zero-shot"
-        " baseline uses no prompts"
-      )
-    if len(m.classnames) != 2:
-      raise ValueError(
-        f"config.model.classnames={tuple(m.classnames)}: (normal, abnormal)"
-      )
-    clip_model._dtype(m.compute_dtype)  # raises on a bad dtype
-    if config.data.channels != 1:
-      raise ValueError(
-        f"config.data.channels={config.data.channels}: PPAD reads grayscale"
-        " chest X-rays (SAS works on one channel) and stacks them to RGB"
-      )
-    if not 0.0 <= config.train.sas_probability <= 1.0:
-      raise ValueError(
-        f"config.train.sas_probability={config.train.sas_probability}"
-      )
-    if self.trains(config) and _steps_per_epoch(config) < 1:
-      raise ValueError(
-        f"config.data.shots={config.data.shots} is fewer than one batch"
-        f" (config.train.batch_size={config.train.batch_size})"
-      )
+    """See `config_check.check` (ConfigError / ConfigPathError)."""
+    config_check.check(config, trains=self.trains(config))
 
   def trains(self, config: mlc.ConfigDict) -> bool:
     return config.model.mode == "ppad" and not config.model.prompts_checkpoint
