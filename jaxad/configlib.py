@@ -149,8 +149,12 @@ def check_workdir(
         ", ".join(diff),
       )
   if write and jax.process_index() == 0:
-    with open(path, "w") as f:
+    # A temporary file, then a rename: in a multi-process run the other
+    # processes read W/config.json meanwhile (never a half-written one).
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
       json.dump(config_dict(config), f, indent=2)
+    os.replace(tmp, path)
 
 
 def config_dict(config: mlc.ConfigDict) -> dict:

@@ -284,8 +284,9 @@ def train(
             clock.restart(step)
           if on_step is not None:
             on_step(step)
-          if stop.requested:
-            raise preemption.Stopped(stop.signum)
+          signum = _agreed_stop(stop, step, log_every)
+          if signum:
+            raise preemption.Stopped(signum)
           last = step == end
           if step % log_every == 0 or last:
             # Timed once the steps ran, not when they were dispatched.
@@ -381,6 +382,26 @@ def _log(
   if jax.process_index() == 0:
     with open(path, "a") as f:
       f.write(json.dumps(record | mean) + "\n")
+
+
+def _agreed_stop(stop, step: int, log_every: int) -> int:
+  """The signal to stop on after `step` (0: go on).
+
+  In a multi-process job every process must stop after the same step: one
+  that stopped alone would leave the others waiting in the next step's
+  collectives, and its checkpoint (saved by all processes together) would
+  never complete. The processes agree at log boundaries, where the loop
+  waits for the devices anyway: a signal to any process stops them all
+  there, at most `log_every` steps after it.
+  """
+  if jax.process_count() == 1:
+    return stop.signum if stop.requested else 0
+  if step % log_every:
+    return 0
+  from jax.experimental import multihost_utils
+
+  mine = np.int32(stop.signum if stop.requested else 0)
+  return int(np.max(multihost_utils.process_allgather(mine)))
 
 
 def _save(checkpointer, step, state):

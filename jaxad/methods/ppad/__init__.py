@@ -159,15 +159,16 @@ class PPAD(api.Defaults):
     rng = np.random.default_rng(int(config.data.shot_seed))
     k = min(k, len(data.normal))
     index = np.sort(rng.choice(len(data.normal), k, replace=False))
-    with open(os.path.join(workdir, "shots.json"), "w") as f:
-      json.dump(
-        {
-          "shot_seed": int(config.data.shot_seed),
-          "indices_into_known_normals": index.tolist(),
-          "known_normals": len(data.normal),
-        },
-        f,
-      )
+    if jax.process_index() == 0:  # a record: every process draws the same
+      with open(os.path.join(workdir, "shots.json"), "w") as f:
+        json.dump(
+          {
+            "shot_seed": int(config.data.shot_seed),
+            "indices_into_known_normals": index.tolist(),
+            "known_normals": len(data.normal),
+          },
+          f,
+        )
     rest = np.setdiff1d(np.arange(len(data.normal)), index)
     names = tuple(data.normal_names[i] for i in rest)
     held = oneclass.hold_out_calibration(
