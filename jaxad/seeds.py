@@ -27,7 +27,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from jaxad import config_checks
+from jaxad import config_checks, configlib
 
 EVAL_SEEDS = "eval_seeds.json"
 _STD = "sample standard deviation over seeds (ddof=1)"
@@ -152,19 +152,9 @@ def _order(results: dict[int, dict], key: tuple[str, str]) -> tuple[int, int]:
 def _flat_scores(scores: dict) -> dict[tuple[str, str], float]:
   out = {}
   for name, metrics in scores.items():
-    for k, v in _flatten(metrics).items():
+    for k, v in configlib.flatten(metrics).items():
       if isinstance(v, int | float) and not isinstance(v, bool):
         out[name, k] = float(v)
-  return out
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
   return out
 
 
