@@ -56,6 +56,7 @@ from jaxad import (
   sharding,
   workdir_lock,
 )
+from jaxad.data import decode
 from jaxad.methods import api
 
 EVAL_CONFIG = "eval_config.json"
@@ -428,7 +429,9 @@ _REPORT = flags.DEFINE_bool(
 )
 
 
-@cli.user_errors()  # a config mistake: one line, exit 2
+# A config or data mistake (the message names the key or file): one line,
+# exit 2.
+@cli.user_errors(decode.DataError, FileNotFoundError)
 def main(argv):
   del argv
   config, workdir = cli.CONFIG.value, cli.WORKDIR.value

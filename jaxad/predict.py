@@ -378,7 +378,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
 )
 
 
-@cli.user_errors(manifest.DataError)
+@cli.user_errors(manifest.DataError, FileNotFoundError)
 def main(argv):
   del argv
   cli.setup_logging()

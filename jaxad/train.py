@@ -27,6 +27,7 @@ from jaxad import (
   sharding,
   workdir_lock,
 )
+from jaxad.data import decode
 
 _SEEDS = flags.DEFINE_string(
   "seeds",
@@ -149,7 +150,9 @@ EXIT_SIGTERM = 143  # SIGTERM: a scheduler, a preemptible VM, `kill`
 EXIT_BUSY = workdir_lock.EXIT_BUSY  # 75: another run holds W; try later
 
 
-@cli.user_errors()  # a config mistake: one line, exit 2
+# A config or data mistake (the message names the key or file): one line,
+# exit 2.
+@cli.user_errors(decode.DataError, FileNotFoundError)
 def main(argv):
   del argv
   cli.setup_logging()
