@@ -232,10 +232,7 @@ def folders(
     return file_entries(splits.require(split, path, *keys), label, root, what)
 
   if pool_dir:
-    names = splits.require(split, path, "unlabeled", unlabeled_pool.KEY)
-    unlabeled = unlabeled_pool.entries(
-      pool_dir, [unlabeled_pool.file_name(n, path) for n in names]
-    )
+    unlabeled = unlabeled_pool.recorded_entries(split, path, pool_dir)
   else:
     unlabeled = part("unlabeled", "0", label=0) + part(
       "unlabeled", "1", label=1

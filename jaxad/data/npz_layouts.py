@@ -221,10 +221,7 @@ def medmnist(
   test = arrays["test_images"]
   test_abnormal = labels["test"]
   if pool_dir:
-    names = splits.require(split, split_path, "unlabeled", unlabeled_pool.KEY)
-    unlabeled = unlabeled_pool.entries(
-      pool_dir, [unlabeled_pool.file_name(n, split_path) for n in names]
-    )
+    unlabeled = unlabeled_pool.recorded_entries(split, split_path, pool_dir)
   else:
     unlabeled = train_part("unlabeled", "0", label=0) + train_part(
       "unlabeled", "1", label=1

@@ -117,3 +117,17 @@ def entries(path: str, files: list[str]) -> tuple[manifest.Entry, ...]:
     stamp = manifest.file_stamp(source, f"data.unlabeled_dir {path}")
     out.append(manifest.Entry(f"{PREFIX}/{f}", UNKNOWN, source, stamp))
   return tuple(out)
+
+
+def recorded_entries(
+  split: dict[str, Any], split_path: str, path: str
+) -> tuple[manifest.Entry, ...]:
+  """The pool folder `path`'s files as recorded in a split.json (`split`,
+  read from `split_path`) under "unlabeled"/KEY: `entries` of them.
+
+  Raises:
+    DataError: the record is missing or names a file that is not a pool
+      image (`splits.require`, `file_name`).
+  """
+  names = splits.require(split, split_path, "unlabeled", KEY)
+  return entries(path, [file_name(n, split_path) for n in names])
