@@ -19,7 +19,6 @@ warning; when none can be read, the error says which folder to delete.
 
 import logging as logging_std
 import os
-import shutil
 import sys
 import traceback
 
@@ -28,6 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from jaxad import sharding, storage
 
 STATE_ITEM = "default"
 CONFIG_ITEM = "config"
@@ -129,7 +130,7 @@ class Checkpointer:
         up, no setting aside): for readers that may run beside training
         (`jaxad.evaluate.restore`, `jaxad.load`).
     """
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)  # local or gs://
     self._config = config
     self._read_only = read_only
     options = ocp.CheckpointManagerOptions(
@@ -146,7 +147,9 @@ class Checkpointer:
     absl_logger.addFilter(_drop_read_only_notice)
     try:
       self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_handlers=_item_handlers()
+        storage.path(self.directory),
+        options=options,
+        item_handlers=_item_handlers(),
       )
     finally:
       absl_logger.removeFilter(_drop_read_only_notice)
@@ -265,11 +268,12 @@ class Checkpointer:
       target = os.path.join(aside, str(step))
       if jax.process_index() == 0:
         n = 0
-        while os.path.exists(target):
+        while storage.path(target).exists():
           n += 1
           target = os.path.join(aside, f"{step}-{n}")
-        os.makedirs(aside, exist_ok=True)
-        shutil.move(path, target)
+        # A file in it: a bucket's folder exists only once it holds one.
+        storage.write_text(os.path.join(aside, "README.txt"), _ASIDE_NOTE)
+        storage.path(path).rename(target)
       logging.warning(
         "Checkpoint %s cannot be read (%s); moved it to %s and restored "
         "step %d instead",
@@ -278,6 +282,10 @@ class Checkpointer:
         target,
         good,
       )
+    # Every process restores at the same point and finds the same steps
+    # unreadable (a step process 0 moved is missing for the others): none
+    # may list the steps again before the moves are done.
+    sharding.sync_processes("set aside unreadable checkpoints")
     self._manager.reload()
 
   def wait(self) -> None:
@@ -291,7 +299,7 @@ class Checkpointer:
 def saved_config(directory: str) -> tuple[int, dict | None] | None:
   """`Checkpointer.saved_config` of `directory`; None when it does not
   exist (nothing is created)."""
-  if not os.path.isdir(directory):
+  if not storage.path(directory).is_dir():
     return None
   ckpt = Checkpointer(directory, read_only=True)
   try:
@@ -301,6 +309,12 @@ def saved_config(directory: str) -> tuple[int, dict | None] | None:
 
 
 FROZEN = "frozen"
+
+_ASIDE_NOTE = (
+  "Checkpoint steps of this run that could not be read, moved here by\n"
+  "jaxad so that training resumed from the last readable step. Safe to\n"
+  "delete.\n"
+)
 
 
 def _trainable(tree: dict) -> dict:

@@ -280,6 +280,14 @@ def check_source(data: Any, key: str = "data") -> None:
     # The data layer refuses it at once; `jaxad.bench` (synthetic data by
     # default) needs no root.
     return
+  if "://" in root:
+    raise refuse(
+      f"{key}.root",
+      root,
+      "a URI, but datasets are read from a local folder (workdirs may be"
+      " gs://, data roots not): copy the data to every host first, e.g."
+      " with tpu_scripts/tpu.sh's DATA= or `gcloud storage cp -r`",
+    )
   path = os.path.abspath(os.path.expanduser(root))
   if not os.path.exists(path):
     return  # the data layer names it at once; evaluation may expect it

@@ -10,6 +10,8 @@ import jax
 import ml_collections as mlc
 from absl import logging
 
+from jaxad import storage
+
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
   """Parses a config-file argument such as `"dataset=kermany,smoke"`.
@@ -136,9 +138,8 @@ def check_workdir(
     ValueError: W holds a trained run with another config, naming the keys.
   """
   path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = flatten(json.load(f))
+  if (text := storage.read_text(path)) is not None:
+    old = flatten(json.loads(text))
     if trained:
       check_against(config, old, allowed, workdir)
     elif write and (diff := changed_keys(old, flatten(config_dict(config)))):
@@ -149,12 +150,9 @@ def check_workdir(
         ", ".join(diff),
       )
   if write and jax.process_index() == 0:
-    # A temporary file, then a rename: in a multi-process run the other
-    # processes read W/config.json meanwhile (never a half-written one).
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(config_dict(config), f, indent=2)
-    os.replace(tmp, path)
+    # Written whole: in a multi-process run the other processes read
+    # W/config.json meanwhile (never a half-written one).
+    storage.write_json(path, config_dict(config), indent=2)
 
 
 def config_dict(config: mlc.ConfigDict) -> dict:
@@ -211,8 +209,5 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def stored_config(workdir: str) -> dict:
   """W/config.json flattened ({} when there is none)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return flatten(json.load(f))
+  text = storage.read_text(os.path.join(workdir, "config.json"))
+  return {} if text is None else flatten(json.loads(text))

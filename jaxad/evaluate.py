@@ -33,9 +33,7 @@ Writes:
   no report describes another evaluation than eval.json.
 """
 
-import json
 import os
-import shutil
 import sys
 import time
 
@@ -54,6 +52,7 @@ from jaxad import (
   report,
   run_info,
   sharding,
+  storage,
   workdir_lock,
 )
 from jaxad.data import decode
@@ -215,21 +214,22 @@ def evaluate(
   )
   if jax.process_index() == 0:
     write_calibration_scores(workdir, calibration, data.calibration_names)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    storage.write_json(os.path.join(workdir, "eval.json"), result, indent=2)
     # The config this eval.json was scored with (a re-score may change the
     # scoring inputs, e.g. a support set): what jaxad.load/predict use, so
     # that their scores match the thresholds beside them.
-    with open(os.path.join(workdir, EVAL_CONFIG), "w") as f:
-      f.write(config.to_json(indent=2))
-    np.savez(
+    storage.write_text(
+      os.path.join(workdir, EVAL_CONFIG), config.to_json(indent=2)
+    )
+    storage.write_npz(
       os.path.join(workdir, "scores.npz"),
       labels=labels,
       names=np.asarray(data.test_names),
       **out["scores"],
     )
-    np.savez_compressed(
+    storage.write_npz(
       os.path.join(workdir, "maps.npz"),
+      compressed=True,
       **{k: v.astype(np.float16) for k, v in out["maps"].items()},
     )
   logging.info("Results on %s:\n%s", data.name, format_table(result))
@@ -244,11 +244,12 @@ def evaluate(
       config,
     )
     logging.info("Report written to %s/index.html", path)
-  elif jax.process_index() == 0 and os.path.isdir(
-    report_dir := os.path.join(workdir, "report")
+  elif (
+    jax.process_index() == 0
+    and (report_dir := storage.path(os.path.join(workdir, "report"))).is_dir()
   ):
     # A report beside a newer eval.json would show other numbers.
-    shutil.rmtree(report_dir)
+    report_dir.rmtree()
     logging.warning(
       "Removed the previous %s: it showed another evaluation (pass"
       " --report to write one for this)",
@@ -267,10 +268,9 @@ def write_calibration_scores(
   str}; without calibration scores (None), removes a stale one."""
   path = os.path.join(workdir, CALIBRATION_SCORES)
   if scores is None:
-    if os.path.exists(path):
-      os.remove(path)
+    storage.path(path).unlink(missing_ok=True)
     return
-  np.savez(
+  storage.write_npz(
     path,
     names=np.asarray(names, dtype=str),
     **{k: np.asarray(v, np.float32) for k, v in scores.items()},
@@ -442,7 +442,7 @@ def main(argv):
     with workdir_lock.hold(workdir, "jaxad.evaluate"):
       out = output_dir(config, workdir)
       if out != workdir:
-        os.makedirs(out, exist_ok=True)
+        storage.path(out).mkdir(parents=True, exist_ok=True)
         logging.warning(
           "Other data than the run's (%s): results go to %s, not over the "
           "run's eval.json",

@@ -38,6 +38,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxad import storage
+
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FORMAT = "jaxad.export/1"
 # The flatbuffer holding the serialised module is limited to 2 GiB.
@@ -121,7 +123,7 @@ def export(
   blob = exported.serialize()
   meta = {
     "format": FORMAT,
-    "workdir": os.path.abspath(workdir),
+    "workdir": storage.absolute(workdir),
     "method": config.method,
     "platforms": list(exported.platforms),
     "jax_version": jax.__version__,
@@ -137,11 +139,8 @@ def export(
     "weights_bytes": int(size),
     "config": json.loads(config.to_json()),
   }
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "wb") as f:
-    f.write(blob)
-  with open(output + ".json", "w") as f:
-    json.dump(meta, f, indent=2)
+  storage.write_bytes(output, bytes(blob))
+  storage.write_json(output + ".json", meta, indent=2)
   return meta
 
 
@@ -259,12 +258,10 @@ def load_exported(path: str, *, batch_size: int | None = None) -> ExportedModel:
     ValueError: not a jax.export artefact, or not one for this backend.
   """
   _check_serialization()
-  with open(path, "rb") as f:
-    blob = f.read()
+  blob = storage.path(path).read_bytes()
   meta = {}
-  if os.path.exists(path + ".json"):
-    with open(path + ".json") as f:
-      meta = json.load(f)
+  if (text := storage.read_text(path + ".json")) is not None:
+    meta = json.loads(text)
   else:
     from absl import logging
 

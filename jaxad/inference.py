@@ -33,7 +33,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from jaxad import configlib, evaluate, sharding
+from jaxad import configlib, evaluate, sharding, storage
 from jaxad.data import inputs, manifest
 from jaxad.methods import api
 
@@ -53,16 +53,15 @@ def read_config(workdir: str) -> mlc.ConfigDict:
   Raises:
     FileNotFoundError: W has neither file.
   """
-  path = os.path.join(workdir, evaluate.EVAL_CONFIG)
-  if not os.path.isfile(path):
-    path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  text = storage.read_text(os.path.join(workdir, evaluate.EVAL_CONFIG))
+  if text is None:
+    text = storage.read_text(os.path.join(workdir, "config.json"))
+  if text is None:
     raise FileNotFoundError(
       f"No run config in {workdir} (config.json or {evaluate.EVAL_CONFIG}):"
       " W must be the --workdir of python -m jaxad.train or jaxad.evaluate"
     )
-  with open(path) as f:
-    config = json.load(f)
+  config = json.loads(text)
   for key, value in configlib.ADDED_KEYS.items():
     *parents, leaf = key.split(".")
     node = config
@@ -79,11 +78,8 @@ def read_thresholds(workdir: str, names: Sequence[str]) -> dict:
   None for a score without a calibrated threshold (a run without
   calibration normals, or no eval.json).
   """
-  path = os.path.join(workdir, "eval.json")
-  scores = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      scores = json.load(f).get("scores", {})
+  text = storage.read_text(os.path.join(workdir, "eval.json"))
+  scores = {} if text is None else json.loads(text).get("scores", {})
   out = {}
   for name in names:
     t = (scores.get(name) or {}).get("calibrated", {}).get("threshold")
@@ -94,10 +90,10 @@ def read_thresholds(workdir: str, names: Sequence[str]) -> dict:
 def read_calibration_scores(workdir: str, names: Sequence[str]) -> dict:
   """{score: sorted float32 [NC]} of W/calibration_scores.npz ({} if absent;
   only the keys that are score names)."""
-  path = os.path.join(workdir, "calibration_scores.npz")
-  if not os.path.exists(path):
+  path = storage.path(os.path.join(workdir, "calibration_scores.npz"))
+  if not path.exists():
     return {}
-  with np.load(path, allow_pickle=False) as npz:
+  with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
     return {
       k: np.sort(np.asarray(npz[k], np.float32).ravel())
       for k in names

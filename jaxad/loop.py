@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxad import checkpoint, eta, preemption, sharding
+from jaxad import checkpoint, eta, preemption, sharding, storage
 from jaxad.methods import api
 
 
@@ -185,14 +185,12 @@ def _call_fits(step: int, k: int, end: int, *cadences: int) -> bool:
 def _keep_metrics_until(path: str, step: int) -> None:
   """Drops metrics.jsonl records after `step`: a resumed run logs the steps
   after its checkpoint again."""
-  if jax.process_index() or not os.path.exists(path):
+  if jax.process_index() or (text := storage.read_text(path)) is None:
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = text.splitlines(keepends=True)
   kept = [line for line in lines if json.loads(line)["step"] <= step]
   if len(kept) != len(lines):
-    with open(path, "w") as f:
-      f.writelines(kept)
+    storage.write_text(path, "".join(kept))
 
 
 class NonFiniteError(FloatingPointError):
@@ -380,8 +378,7 @@ def _log(
     eta_text,
   )
   if jax.process_index() == 0:
-    with open(path, "a") as f:
-      f.write(json.dumps(record | mean) + "\n")
+    storage.append_line(path, json.dumps(record | mean))
 
 
 def _agreed_stop(stop, step: int, log_every: int) -> int:

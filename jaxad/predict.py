@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
-import json
 import os
 import time
 import zipfile
@@ -45,7 +44,7 @@ import zipfile
 import numpy as np
 from absl import app, flags, logging
 
-from jaxad import cli, inference, map_colours
+from jaxad import cli, inference, map_colours, storage
 from jaxad.data import inputs, manifest
 
 MAP_NAMES_KEY = "__map_names__"
@@ -60,9 +59,10 @@ class NpzWriter:
 
   def __init__(self, path: str):
     self.path = path
-    self._partial = path + ".partial"
+    self._partial = storage.path(path + ".partial")
+    self._file = self._partial.open("wb")
     self._zip = zipfile.ZipFile(
-      self._partial, "w", zipfile.ZIP_DEFLATED, allowZip64=True
+      self._file, "w", zipfile.ZIP_DEFLATED, allowZip64=True
     )
 
   def add(self, key: str, array: np.ndarray) -> None:
@@ -73,8 +73,9 @@ class NpzWriter:
     """Completes the file (until then it is `path`.partial); with
     `complete=False` (an interrupted run) leaves it as `path`.partial."""
     self._zip.close()
+    self._file.close()
     if complete:
-      os.replace(self._partial, self.path)
+      self._partial.replace(storage.path(self.path))
 
 
 def _cell(value, digits: str = ".9g") -> str:
@@ -99,9 +100,13 @@ def format_row(row: dict) -> dict:
 def read_test_maps(workdir: str, name: str, limit: int = _SCALE_SAMPLE):
   """The first `limit` maps of score `name` in W/maps.npz, float32
   [n, S, S], read without loading the rest; None if absent."""
-  path = os.path.join(workdir, "maps.npz")
+  path = storage.path(os.path.join(workdir, "maps.npz"))
   try:
-    with zipfile.ZipFile(path) as z, z.open(name + ".npy") as f:
+    with (
+      path.open("rb") as npz,
+      zipfile.ZipFile(npz) as z,
+      z.open(name + ".npy") as f,
+    ):
       read = {
         (1, 0): np.lib.format.read_array_header_1_0,
         (2, 0): np.lib.format.read_array_header_2_0,
@@ -186,8 +191,7 @@ def write_overlay(
     ax.set_xticks([])
     ax.set_yticks([])
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path)
+  storage.write_figure(fig, path)
 
 
 def _overlay_path(folder: str, name: str) -> str:
@@ -246,7 +250,7 @@ def predict(
       input_path,
       other,
     )
-  os.makedirs(output, exist_ok=True)
+  storage.path(output).mkdir(parents=True, exist_ok=True)
   missing = [n for n, t in trained.threshold.items() if t is None]
   if missing:
     logging.warning(
@@ -269,7 +273,7 @@ def predict(
   with contextlib.ExitStack() as cleanup:
     if maps_writer is not None:
       cleanup.callback(lambda: maps_writer.close(complete=complete))
-    f = cleanup.enter_context(open(csv_path, "w", newline=""))
+    f = cleanup.enter_context(storage.path(csv_path).open("w"))
     writer = csv.DictWriter(f, fieldnames=trained.columns())
     writer.writeheader()
     done = 0
@@ -315,8 +319,8 @@ def predict(
     )
   summary = {
     "input": os.path.abspath(input_path),
-    "output": os.path.abspath(output),
-    "workdir": os.path.abspath(trained.workdir),
+    "output": storage.absolute(output),
+    "workdir": storage.absolute(trained.workdir),
     "images": total,
     "scored": scored,
     "unreadable": len(errors),
@@ -333,8 +337,7 @@ def predict(
     # Without the first batch (it includes compiling the scoring function).
     "images_per_s_after_first_batch": steady,
   }
-  with open(os.path.join(output, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  storage.write_json(os.path.join(output, "summary.json"), summary, indent=2)
   logging.info("%s", format_summary(summary))
   return summary
 

@@ -31,6 +31,7 @@ import os
 import numpy as np
 from sklearn import metrics as skm
 
+from jaxad import storage
 from jaxad.map_colours import (
   MAP_PERCENTILES,
   OVERLAY,
@@ -68,7 +69,7 @@ def _roc(plt, order, scores, labels, result, path):
   ax.set_title(f"ROC, {result['dataset']}", fontsize=FONT + 1)
   ax.tick_params(labelsize=FONT)
   ax.legend(loc="lower right", fontsize=FONT)
-  fig.savefig(path, dpi=120)
+  storage.write_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -336,8 +337,7 @@ images.</p>
 <h2>Config</h2><pre>{html.escape(config_json, quote=False)}</pre>
 </body></html>
 """
-  with open(path, "w") as f:
-    f.write(page)
+  storage.write_text(path, page)
 
 
 def write(workdir, result, data, scores, maps, infos, config):
@@ -357,12 +357,11 @@ def write(workdir, result, data, scores, maps, infos, config):
   """
   plt = _pyplot()
   out = os.path.join(workdir, "report")
-  os.makedirs(out, exist_ok=True)
   labels = np.asarray(data.test_labels)
   order = [info.name for info in infos]
   _roc(plt, order, scores, labels, result, os.path.join(out, "roc.png"))
   fig = histogram_figure(plt, order, scores, labels, result)
-  fig.savefig(os.path.join(out, "histograms.png"), dpi=110)
+  storage.write_figure(fig, os.path.join(out, "histograms.png"), dpi=110)
   plt.close(fig)
   grid = None
   grid_path = os.path.join(out, "grid.png")
@@ -370,11 +369,11 @@ def write(workdir, result, data, scores, maps, infos, config):
     fig, scales, notes = grid_figure(
       plt, order, data.test, maps, scores, labels, data.test_names
     )
-    fig.savefig(grid_path, dpi=110)
+    storage.write_figure(fig, grid_path, dpi=110)
     plt.close(fig)
     grid = (scales, notes)
-  elif os.path.exists(grid_path):  # an earlier run's maps: not these
-    os.remove(grid_path)
+  else:  # an earlier run's maps, if any: not these
+    storage.path(grid_path).unlink(missing_ok=True)
   config_json = json.dumps(json.loads(config.to_json()), indent=2)
   _html(result, infos, grid, config_json, os.path.join(out, "index.html"))
   return out

@@ -16,6 +16,8 @@ import subprocess
 import jax
 import ml_collections as mlc
 
+from jaxad import storage
+
 _PACKAGES = ("jaxad", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 
 
@@ -55,16 +57,15 @@ def describe(
 def train_seconds(workdir: str) -> dict[str, float]:
   """{"train.<phase>": seconds} summed from W/metrics.jsonl's "seconds"
   fields (the wall-clock of each logged interval); {} without them."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  text = storage.read_text(os.path.join(workdir, "metrics.jsonl"))
   out: dict[str, float] = {}
-  if not os.path.exists(path):
+  if text is None:
     return out
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line)
-      if "seconds" in record:
-        key = f"train.{record['phase']}"
-        out[key] = out.get(key, 0.0) + record["seconds"]
+  for line in text.splitlines():
+    record = json.loads(line)
+    if "seconds" in record:
+      key = f"train.{record['phase']}"
+      out[key] = out.get(key, 0.0) + record["seconds"]
   return {k: round(v, 3) for k, v in out.items()}
 
 

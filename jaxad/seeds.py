@@ -19,7 +19,6 @@ their checkpoints, an interrupted one continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -27,7 +26,7 @@ import ml_collections as mlc
 import numpy as np
 from absl import logging
 
-from jaxad import config_checks, configlib
+from jaxad import config_checks, configlib, storage
 
 EVAL_SEEDS = "eval_seeds.json"
 _STD = "sample standard deviation over seeds (ddof=1)"
@@ -86,7 +85,7 @@ def run(
     run_one = train.run
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds must be distinct and not empty, got {seeds}")
-  if os.path.exists(os.path.join(workdir, "config.json")):
+  if storage.path(os.path.join(workdir, "config.json")).exists():
     raise ValueError(
       f"{workdir} holds a single run (config.json): use a new --workdir for"
       " a multi-seed run"
@@ -98,9 +97,7 @@ def run(
     one.seed = seed
     results[seed] = run_one(one, seed_workdir(workdir, seed))
   record = aggregate(results)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, EVAL_SEEDS), "w") as f:
-    json.dump(record, f, indent=2)
+  storage.write_json(os.path.join(workdir, EVAL_SEEDS), record, indent=2)
   logging.info("Over %d seeds:\n%s", len(seeds), format_table(record))
   return record
 

@@ -25,6 +25,7 @@ from jaxad import (
   preemption,
   seeds,
   sharding,
+  storage,
   workdir_lock,
 )
 from jaxad.data import decode
@@ -89,7 +90,7 @@ def _run_locked(method, config, workdir, mesh, on_step) -> dict:
   # train) the results; without either, another config may replace it.
   trained = saved is not None or (
     not method.trains(config)
-    and os.path.exists(os.path.join(workdir, "eval.json"))
+    and storage.path(os.path.join(workdir, "eval.json")).exists()
   )
   allowed = method.resumable_changes(configlib.stored_config(workdir))
   configlib.check_workdir(

@@ -8,6 +8,7 @@ by kill -9 or a crash, so a lock can never outlive its run. The file also
 records the holder's PID, host and start time, for the message a second run
 gets, and is emptied on a clean exit: a non-empty file whose lock is free
 was left by a run that died, which the next run takes over with a warning.
+A workdir in a bucket (gs://) cannot be locked: a warning says so.
 """
 
 import contextlib
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 
 import jax
 from absl import logging
+
+from jaxad import storage
 
 LOCK_FILE = ".lock"
 # The exit status of jaxad.train / jaxad.evaluate refused by a busy
@@ -90,7 +93,17 @@ def hold(workdir: str, command: str) -> Iterator[None]:
     WorkdirBusyError: another live process holds the lock; the message
       names its PID, host and command.
   """
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
+  if storage.is_remote(workdir):
+    # A bucket has no flock; its conditional writes could emulate one, but
+    # a lock that a dead run leaves behind would need a timeout to break.
+    logging.warning(
+      "%s is not a local folder: no lock guards it, so a second run on it "
+      "would not be detected (run one job per workdir)",
+      workdir,
+    )
+    yield
+    return
   path = lock_path(workdir)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   locked = False

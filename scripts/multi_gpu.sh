@@ -4,9 +4,10 @@
 #
 #   scripts/multi_gpu.sh [--dry-run] STEP [KEY=VALUE ...]
 #
-# On a Compute Engine VM with GPUs, through gcloud: create, setup, run,
-# logs (follow the log), wait (print it until training ends, exit with its
-# status), fetch, delete, or all (create, setup, run, wait, fetch, delete).
+# On a Compute Engine VM with GPUs, through gcloud: create, setup, data
+# (copy DATA to the VM), run, logs (follow the log), wait (print it until
+# training ends, exit with its status), fetch, delete, or all (create,
+# setup, data when DATA is set, run, wait, fetch, delete).
 # On the host this runs on (a GPU server, or each host of several):
 # local-setup (a venv with jaxad[cuda]), local-run (jaxad.train in the
 # foreground).
@@ -33,7 +34,11 @@
 #   CONFIG        e.g. configs/ddad.py:paper (run, local-run: required)
 #   WORKDIR       run: gs://bucket/path, or a path on the VM;
 #                 local-run: any path jaxad.train takes (required)
-#   ARGS          run, local-run: more jaxad.train flags
+#   DATA          data: a gs:// folder copied to the VM (jaxad reads
+#                 datasets from local folders), to DATA_DIR (default
+#                 ~/jaxad-data/<DATA's last name>)
+#   ARGS          run, local-run: more jaxad.train flags, e.g.
+#                 "--config.data.root=~/jaxad-data/RSNA"
 #   RESULTS       fetch: local folder (default workdirs/$VM_NAME)
 #   FETCH_CHECKPOINTS=1  fetch: include WORKDIR/checkpoints
 #   KEEP=1        all: do not delete the VM at the end
@@ -92,6 +97,12 @@ step_setup() {
 $(remote_python_setup "${CUDA_EXTRA:-cuda}")"
 }
 
+step_data() {
+  need VM_NAME ZONE DATA
+  check_data
+  vm ssh "$VM_NAME" --command="set -e; $(remote_stage_data)"
+}
+
 step_run() {
   need VM_NAME ZONE CONFIG WORKDIR
   vm ssh "$VM_NAME" --command="$(remote_train_command "")"
@@ -133,12 +144,14 @@ step_delete() {
 
 step_all() {
   need VM_NAME ZONE CONFIG WORKDIR
+  check_data
   if [[ ${KEEP:-0} != 1 ]]; then
     # Delete the VM however the run ends (failure, Ctrl-C included).
     trap step_delete EXIT
   fi
   step_create
   step_setup
+  [[ -z ${DATA:-} ]] || step_data
   step_run
   step_wait
   step_fetch
@@ -174,13 +187,13 @@ step_local-run() {
 
 parse_args "$@"
 case "$STEP" in
-  create | setup | run | logs | wait | fetch | delete | all)
+  create | setup | data | run | logs | wait | fetch | delete | all)
     require_gcloud
     "step_$STEP"
     ;;
   local-setup | local-run) "step_$STEP" ;;
   *)
-    die "unknown step '$STEP' (create, setup, run, logs, wait, fetch," \
-      "delete, all, local-setup, local-run)"
+    die "unknown step '$STEP' (create, setup, data, run, logs, wait," \
+      "fetch, delete, all, local-setup, local-run)"
     ;;
 esac

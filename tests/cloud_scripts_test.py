@@ -170,6 +170,33 @@ class TpuScriptTest(absltest.TestCase):
         self.assertEqual(rc, 2, err)
         self.assertIn(message, err)
 
+  def test_data_is_copied_to_every_worker_before_the_run(self):
+    rc, commands, err = run_script(
+      TPU, "all", *TPU_PARAMS, "DATA=gs://bucket/Med-AD/RSNA/"
+    )
+    self.assertEqual(rc, 0, err)
+    ssh = [c for c in commands if c[:5] == TPU_SSH]
+    self.assertLen(ssh, 4)  # setup, data, run, wait
+    self.assertIn("--worker=all", ssh[1])
+    self.assertEqual(
+      remote_command(ssh[1]),
+      "set -e; mkdir -p ~/jaxad-data/RSNA && gcloud storage rsync"
+      " --recursive gs://bucket/Med-AD/RSNA/ ~/jaxad-data/RSNA",
+    )
+    self.assertIn("python -m jaxad.train", remote_command(ssh[2]))
+    rc, _, err = run_script(TPU, "data", "TPU_NAME=t", "ZONE=z", "DATA=/d")
+    self.assertEqual(rc, 2)
+    self.assertIn("DATA=/d: a gs:// folder", err)
+    rc, commands, err = run_script(
+      GPU, "data", "VM_NAME=v", "ZONE=z", "DATA=gs://b/x", "DATA_DIR=/mnt/x"
+    )
+    self.assertEqual(rc, 0, err)
+    self.assertEqual(
+      remote_command(commands[0]),
+      "set -e; mkdir -p /mnt/x && gcloud storage rsync --recursive"
+      " gs://b/x /mnt/x",
+    )
+
   def test_without_dry_run_gcloud_is_required(self):
     rc, _, err = run_script(
       TPU, "delete", "TPU_NAME=t", "ZONE=z", dry_run=False
@@ -177,6 +204,8 @@ class TpuScriptTest(absltest.TestCase):
     self.assertEqual(rc, 2)
     self.assertIn("gcloud not found", err)
 
+
+TPU_SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
 
 GPU_PARAMS = (
   "VM_NAME=jx-gpu",

@@ -406,6 +406,16 @@ class DataRootTest(TempDirTestCase):
       c.data.root = self.path("x.npz")
       check(c)
 
+  def test_a_bucket_data_root_is_refused(self):
+    c = config("ddad", **{"data.format": "medad"})
+    c.data.root = "gs://bucket/Med-AD/RSNA"
+    with self.assertRaisesRegex(
+      ConfigError,
+      r"config\.data\.root='gs://bucket/Med-AD/RSNA': a URI, but datasets"
+      r" are read from a local folder.*DATA=",
+    ):
+      check(c)
+
   def test_d24fad_source_entries(self):
     with open(self.path("bad.npz"), "wb") as f:
       f.write(b"not a zip")

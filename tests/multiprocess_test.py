@@ -12,7 +12,8 @@ Its eval.json (without "run") must be bit-identical to the same config run
 by one process on two devices: the same mesh and the same SPMD program,
 whose all-reduces add the same two partial sums (one addition, exact in
 either order). After both processes are stopped mid-run (SIGTERM) and
-relaunched, the resumed run's must be too. (Against one process on ONE
+relaunched, the resumed run's must be too, and so must a run relaunched on
+an unreadable latest checkpoint (set aside, the step before restored). (Against one process on ONE
 device the summation order of the batch reductions changes, so only
 float32 rounding is shared; that comparison is not made here.)
 """
@@ -170,6 +171,20 @@ class MultiProcessTest(absltest.TestCase):
       for line in read(workdir, "metrics.jsonl").splitlines()
     ]
     self.assertEqual(steps, [2, 4, 6, 8])
+
+    # The latest checkpoint made unreadable: relaunched, both processes
+    # find it so, process 0 sets it aside, and (after a barrier) both
+    # resume from the step before and end as the first run did.
+    checkpoints = os.path.join(workdir, "checkpoints")
+    latest = max(int(s) for s in os.listdir(checkpoints) if s.isdigit())
+    for folder, _, files in os.walk(os.path.join(checkpoints, str(latest))):
+      for name in files:
+        if name.startswith("manifest"):  # the array data's index
+          os.remove(os.path.join(folder, name))
+    self.assertEqual(self.run_to_end("two", processes=2), two)
+    self.assertIn("moved it to", read(f"{workdir}.0.log"))
+    moved = os.listdir(os.path.join(workdir, "checkpoints_unreadable"))
+    self.assertIn(str(latest), moved)
 
     # Both processes stopped (SIGTERM, as a scheduler would) while they
     # compile the first step: each finishes step 1 and saves it.

@@ -133,6 +133,25 @@ pack_source() {
   run tar -czf "$1" -C "$repo" --null -T "$list"
 }
 
+# remote_stage_data: remote commands that copy DATA (a gs:// folder) to
+# DATA_DIR (default ~/jaxad-data/<DATA's last name>) on the machine: jaxad
+# reads datasets from local folders (workdirs may be gs://, data roots
+# not). rsync: a second run copies only what changed.
+remote_stage_data() {
+  local name="${DATA%/}"
+  name="${name##*/}"
+  local dest="${DATA_DIR:-~/jaxad-data/$name}"
+  printf '%s' "mkdir -p $dest && "
+  printf '%s' "gcloud storage rsync --recursive $(quote "$DATA") $dest"
+}
+
+# check_data: DATA, when set, must be a gs:// folder.
+check_data() {
+  [[ -z ${DATA:-} || $DATA == gs://* ]] ||
+    die "DATA=$DATA: a gs:// folder to copy to every machine (or unset it" \
+      "and put the data there yourself)"
+}
+
 # remote_train_command: the remote commands that start
 # `python -m jaxad.train` in the background (it outlives the ssh session),
 # output in ~/jaxad_train.log, exit status in ~/jaxad_train.status. $1:

@@ -5,9 +5,10 @@
 #
 #   tpu_scripts/tpu.sh [--dry-run] STEP [KEY=VALUE ...]
 #
-# Steps: create, setup, run, logs (follow a worker's log), wait (print it
-# until training ends, exit with its status), fetch, delete, or all
-# (create, setup, run, wait, fetch, delete).
+# Steps: create, setup, data (copy DATA to every worker), run, logs (follow
+# a worker's log), wait (print it until training ends, exit with its
+# status), fetch, delete, or all (create, setup, data when DATA is set,
+# run, wait, fetch, delete).
 # Parameters are environment variables (a KEY=VALUE argument sets one):
 #   TPU_NAME      TPU VM name (required)
 #   ZONE          e.g. us-west4-a (required)
@@ -24,8 +25,11 @@
 #   CONFIG        e.g. configs/ddad.py:paper (run, required)
 #   WORKDIR       gs://bucket/path (run and fetch, required): every worker
 #                 reads and writes the same run there
+#   DATA          data: a gs:// folder copied to every worker (jaxad reads
+#                 datasets from local folders), to DATA_DIR (default
+#                 ~/jaxad-data/<DATA's last name>)
 #   ARGS          run: more jaxad.train flags, e.g.
-#                 "--config.data.root=gs://bucket/data --config.mesh.member=2"
+#                 "--config.data.root=~/jaxad-data/RSNA --config.mesh.member=2"
 #   RESULTS       fetch: local folder (default workdirs/$TPU_NAME)
 #   FETCH_CHECKPOINTS=1  fetch: include WORKDIR/checkpoints
 #   WORKER        logs, wait: the worker whose log to print (default 0)
@@ -73,6 +77,12 @@ step_setup() {
     --command="set -e; $(remote_fetch_source) && $(remote_python_setup tpu)"
 }
 
+step_data() {
+  need TPU_NAME ZONE DATA
+  check_data
+  tpu ssh --worker=all --command="set -e; $(remote_stage_data)"
+}
+
 check_workdir() {
   need WORKDIR
   [[ $WORKDIR == gs://* ]] ||
@@ -115,12 +125,14 @@ step_delete() {
 step_all() {
   need TPU_NAME ZONE ACCELERATOR CONFIG
   check_workdir
+  check_data
   if [[ ${KEEP:-0} != 1 ]]; then
     # Delete the TPU VM however the run ends (failure, Ctrl-C included).
     trap step_delete EXIT
   fi
   step_create
   step_setup
+  [[ -z ${DATA:-} ]] || step_data
   step_run
   step_wait
   step_fetch
@@ -128,12 +140,12 @@ step_all() {
 
 parse_args "$@"
 case "$STEP" in
-  create | setup | run | logs | wait | fetch | delete | all)
+  create | setup | data | run | logs | wait | fetch | delete | all)
     require_gcloud
     "step_$STEP"
     ;;
   *)
     die "unknown step '$STEP'" \
-      "(create, setup, run, logs, wait, fetch, delete, all)"
+      "(create, setup, data, run, logs, wait, fetch, delete, all)"
     ;;
 esac

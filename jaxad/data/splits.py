@@ -25,14 +25,13 @@ import collections.abc
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
-from jaxad import sharding
+from jaxad import sharding, storage
 from jaxad.data import manifest
 
 SPLIT_FILE = "split.json"
@@ -367,18 +366,17 @@ def read_json(path: str) -> Any:
   Raises:
     DataError: the file cannot be read or parsed, naming it.
   """
-  if not os.path.exists(path):
-    return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    text = storage.read_text(path)
+    return None if text is None else json.loads(text)
   except (OSError, ValueError) as e:
     raise manifest.DataError(f"Cannot read {path}: {e}") from e
 
 
 def write_json(path: str, record: dict) -> None:
-  """Writes `record` to `path` atomically (a temporary file, then a
-  rename), so that a crash never leaves a half-written split.
+  """Writes `record` to `path` whole (`jaxad.storage.write_json`: locally a
+  temporary file, then a rename), so that a crash never leaves a
+  half-written split.
 
   In a multi-process job process 0 writes (every process draws the same
   split from the same seed) and every process waits until it has, so that
@@ -386,12 +384,7 @@ def write_json(path: str, record: dict) -> None:
   must call it at the same points.
   """
   if jax.process_index() == 0:
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".split.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-      json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    storage.write_json(path, record, indent=1)
   sharding.sync_processes(f"wrote {path}")
 
 

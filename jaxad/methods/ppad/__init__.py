@@ -27,7 +27,6 @@ the K shots are a seeded draw (the original's is unseeded, bug 8).
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -37,6 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxad import storage
 from jaxad.data import oneclass
 from jaxad.methods import api
 from jaxad.methods.ppad import config_check, frozen_clip, prompts, sas
@@ -160,15 +160,15 @@ class PPAD(api.Defaults):
     k = min(k, len(data.normal))
     index = np.sort(rng.choice(len(data.normal), k, replace=False))
     if jax.process_index() == 0:  # a record: every process draws the same
-      with open(os.path.join(workdir, "shots.json"), "w") as f:
-        json.dump(
-          {
-            "shot_seed": int(config.data.shot_seed),
-            "indices_into_known_normals": index.tolist(),
-            "known_normals": len(data.normal),
-          },
-          f,
-        )
+      storage.write_json(
+        os.path.join(workdir, "shots.json"),
+        {
+          "shot_seed": int(config.data.shot_seed),
+          "indices_into_known_normals": index.tolist(),
+          "known_normals": len(data.normal),
+        },
+        indent=None,
+      )
     rest = np.setdiff1d(np.arange(len(data.normal)), index)
     names = tuple(data.normal_names[i] for i in rest)
     held = oneclass.hold_out_calibration(
