@@ -38,6 +38,7 @@ import contextlib
 import csv
 import datetime
 import os
+import sys
 import time
 import zipfile
 
@@ -393,7 +394,15 @@ def main(argv):
   trained = inference.load(workdir, batch_size=_BATCH_SIZE.value)
   logging.info("%r", trained)
   output = _OUTPUT.value or default_output(workdir, _INPUT.value)
-  predict(trained, _INPUT.value, output, overlays=_OVERLAYS.value)
+  summary = predict(trained, _INPUT.value, output, overlays=_OVERLAYS.value)
+  if not summary["scored"]:  # every input unreadable: nothing to act on
+    print(
+      f"error: none of the {summary['images']} images could be read (the"
+      f" reasons are in {summary['output']}/predictions.csv)",
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -312,9 +312,8 @@ class PredictTest(absltest.TestCase):
     self.assertEqual(out["scores"][name].shape, (2,))
     self.assertEqual(out["maps"][name].shape, (2, s, s))
 
-  def test_command_line(self):
-    out = os.path.join(TMP, "out_cli")
-    proc = subprocess.run(
+  def predict_cli(self, folder: str, out: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
       [
         sys.executable,
         "-m",
@@ -322,7 +321,7 @@ class PredictTest(absltest.TestCase):
         "--workdir",
         WORKDIR,
         "--input",
-        self.folder,
+        folder,
         "--output",
         out,
         "--batch_size",
@@ -333,6 +332,22 @@ class PredictTest(absltest.TestCase):
       text=True,
       timeout=300,
     )
+
+  def test_command_line_fails_when_no_input_can_be_read(self):
+    folder = os.path.join(TMP, "all_corrupt")
+    os.makedirs(folder)
+    for name in ("a.png", "b.png"):
+      with open(os.path.join(folder, name), "wb") as f:
+        f.write(b"not an image")
+    out = os.path.join(TMP, "out_all_corrupt")
+    proc = self.predict_cli(folder, out)
+    self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
+    self.assertIn("error: none of the 2 images could be read", proc.stderr)
+    self.assertLen(read_csv(os.path.join(out, "predictions.csv")), 2)
+
+  def test_command_line(self):
+    out = os.path.join(TMP, "out_cli")
+    proc = self.predict_cli(self.folder, out)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("Scored 4/5 images", proc.stderr)
     self.assertIn("1 unreadable", proc.stderr)
