@@ -128,7 +128,7 @@ class Checkpointer:
         every step as its `config` item; None saves the state alone.
       read_only: restore only, and change nothing in `directory` (no clean
         up, no setting aside): for readers that may run beside training
-        (`jaxad.evaluate.restore`, `jaxad.load`).
+        (`jaxad.restore.trained`, `jaxad.load`).
     """
     self.directory = storage.absolute(directory)  # local or gs://
     self._config = config

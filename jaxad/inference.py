@@ -6,7 +6,7 @@
   model.threshold  # {score: calibrated threshold or None}
 
 `load` reads everything from the workdir: the config (W/config.json), the
-trained model (its latest checkpoint, through `jaxad.evaluate.restore`, so
+trained model (its latest checkpoint, through `jaxad.restore.trained`, so
 methods that do not train, like PPAD zero-shot, work too), the calibrated
 thresholds (W/eval.json) and the calibration normals' scores
 (W/calibration_scores.npz). It computes the method's score context once.
@@ -33,7 +33,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from jaxad import configlib, evaluate, sharding, storage
+from jaxad import configlib, evaluate, restore, sharding, storage
 from jaxad.data import inputs, manifest
 from jaxad.methods import api
 
@@ -445,6 +445,6 @@ def load(
       f" the {n} devices (mesh_data={mesh_data}); pass batch_size="
       f"{-(-max(config.eval.batch_size, 1) // n) * n} or mesh_data=1"
     )
-  method, model, mesh = evaluate.restore(config, workdir)
+  method, model, mesh = restore.trained(config, workdir)
   data = _LazyData(method, config, workdir)
   return TrainedModel(workdir, config, method, model, mesh, data)

@@ -20,7 +20,7 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from configs import ddad as ddad_config
-from jaxad import configlib, evaluate, metrics, sharding, train
+from jaxad import configlib, evaluate, metrics, restore, sharding, train
 from jaxad.data import fewshot, manifest, oneclass, splits
 from jaxad.methods import api
 
@@ -534,7 +534,7 @@ class RealRunTest(TempDirTestCase):
     # Another target specificity re-scores the trained run, no retraining.
     rescore = config.copy_and_resolve_references()
     rescore.eval.target_specificity = 0.5
-    method, model, mesh = evaluate.restore(rescore, workdir)
+    method, model, mesh = restore.trained(rescore, workdir)
     again = evaluate.evaluate(rescore, workdir, method, model, data, mesh)
     for name, m in again["scores"].items():
       self.assertEqual(m["auroc"], result["scores"][name]["auroc"])
@@ -546,7 +546,7 @@ class RealRunTest(TempDirTestCase):
     changed = config.copy_and_resolve_references()
     changed.eval.calibration_fraction = 0.2
     with self.assertRaisesRegex(ValueError, "eval.calibration_fraction"):
-      evaluate.restore(changed, workdir)
+      restore.trained(changed, workdir)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,15 @@ from unittest import mock
 import ml_collections as mlc
 from absl.testing import absltest
 
-from jaxad import checkpoint, configlib, evaluate, loop, sharding, train
+from jaxad import (
+  checkpoint,
+  configlib,
+  evaluate,
+  loop,
+  restore,
+  sharding,
+  train,
+)
 from tests import loop_test, train_test
 
 
@@ -152,7 +160,7 @@ class RunConfigTest(absltest.TestCase):
     ):
       train.run(other, workdir)
     with self.assertRaisesRegex(ValueError, "model.latent_size"):
-      evaluate.restore(other, workdir)
+      restore.trained(other, workdir)
     self.assertFalse(os.path.exists(os.path.join(workdir, "config.json")))
     # Every step holds the config it was trained with.
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -166,27 +174,27 @@ class RunConfigTest(absltest.TestCase):
     with self.assertRaisesRegex(
       ValueError, r"has no \['/params/asr'.*parts the run did not train"
     ):
-      evaluate.restore(refined, self.workdir)
+      restore.trained(refined, self.workdir)
 
   def test_evaluate_on_other_data_writes_to_its_own_folder(self):
     self.assertEqual(
-      evaluate.output_dir(self.config, self.workdir), self.workdir
+      restore.output_dir(self.config, self.workdir), self.workdir
     )
     rescored = self.config.copy_and_resolve_references()
     rescored.eval.target_specificity = 0.5  # not other data: W itself
-    self.assertEqual(evaluate.output_dir(rescored, self.workdir), self.workdir)
+    self.assertEqual(restore.output_dir(rescored, self.workdir), self.workdir)
     other = self.config.copy_and_resolve_references()
     other.data.root = os.path.join(self.tmp, "other_set")
-    evaluate.restore(other, self.workdir)  # allowed: the model is the same
-    out = evaluate.output_dir(other, self.workdir)
+    restore.trained(other, self.workdir)  # allowed: the model is the same
+    out = restore.output_dir(other, self.workdir)
     self.assertEqual(os.path.dirname(out), self.workdir)
     self.assertRegex(os.path.basename(out), r"^eval_other_set-[0-9a-f]{8}$")
-    self.assertEqual(evaluate.output_dir(other, self.workdir), out)  # stable
+    self.assertEqual(restore.output_dir(other, self.workdir), out)  # stable
     # Another input size is another model: refused.
     resized = self.config.copy_and_resolve_references()
     resized.data.image_size = 64
     with self.assertRaisesRegex(ValueError, "data.image_size"):
-      evaluate.restore(resized, self.workdir)
+      restore.trained(resized, self.workdir)
 
   def test_evaluate_main_on_other_data_keeps_the_runs_eval_json(self):
     workdir = self.copy("other_data")
@@ -204,7 +212,7 @@ class RunConfigTest(absltest.TestCase):
       cli.CONFIG.value, cli.WORKDIR.value = other, workdir
       report.value = False
       evaluate.main([])
-    out = evaluate.output_dir(other, workdir)
+    out = restore.output_dir(other, workdir)
     with open(os.path.join(out, "eval.json")) as f:
       result = json.load(f)
     self.assertEqual(result["num_normal"] + result["num_abnormal"], 16)

@@ -23,7 +23,7 @@ from configs import d24fad as d24fad_config
 from configs import ddad as ddad_config
 from configs import multiad as multiad_config
 from configs import ppad as ppad_config
-from jaxad import bench, config_checks, evaluate, methods, train
+from jaxad import bench, config_checks, methods, restore, train
 from jaxad.config_checks import ConfigError, ConfigPathError
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
@@ -301,7 +301,7 @@ class RefusedTest(TempDirTestCase):
     c.data.cache_dir = self.path("cache")
     for run in (
       lambda: train.run(c, self.path("w")),
-      lambda: evaluate.restore(c, self.path("w")),
+      lambda: restore.trained(c, self.path("w")),
       lambda: bench.run(c, self.path("w")),
     ):
       start = time.perf_counter()

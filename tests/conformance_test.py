@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from jaxad import bench, evaluate, loop, methods, sharding, train
+from jaxad import bench, evaluate, loop, methods, restore, sharding, train
 from jaxad.methods import api
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ class ConformanceTest(parameterized.TestCase):
     self.assertGreater(run["seconds"]["evaluate"], 0)
 
     # Evaluation of the checkpoint again: the same eval.json, and a report.
-    _, model, mesh = evaluate.restore(config, self.workdir("full"))
+    _, model, mesh = restore.trained(config, self.workdir("full"))
     again = evaluate.evaluate(
       config,
       self.workdir("full"),

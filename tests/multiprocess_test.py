@@ -13,9 +13,10 @@ by one process on two devices: the same mesh and the same SPMD program,
 whose all-reduces add the same two partial sums (one addition, exact in
 either order). After both processes are stopped mid-run (SIGTERM) and
 relaunched, the resumed run's must be too, and so must a run relaunched on
-an unreadable latest checkpoint (set aside, the step before restored). (Against one process on ONE
-device the summation order of the batch reductions changes, so only
-float32 rounding is shared; that comparison is not made here.)
+an unreadable latest checkpoint (set aside, the step before restored).
+(Against one process on ONE device the summation order of the batch
+reductions changes, so only float32 rounding is shared; that comparison is
+not made here.)
 """
 
 import json

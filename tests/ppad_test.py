@@ -27,7 +27,7 @@ from weights_test import _tensor, torch_save
 
 import jaxad
 from configs import ppad as ppad_config
-from jaxad import evaluate, loop, sharding, train
+from jaxad import evaluate, loop, restore, sharding, train
 from jaxad.methods import ppad
 from jaxad.methods.ppad import METHOD, prompts, sas
 from jaxad.models import clip_tokenizer
@@ -171,7 +171,7 @@ class ZeroShotTest(TempDirTestCase):
     # jaxad.evaluate's main on a new workdir: no checkpoint, no training,
     # the same eval.json as jaxad.train's.
     fresh = self.path("evaluate")
-    method, model, mesh = evaluate.restore(config, fresh)
+    method, model, mesh = restore.trained(config, fresh)
     self.assertIs(method, METHOD)
     data = method.load_data(config, fresh)
     stale = os.path.join(fresh, "report")  # an earlier evaluation's report
@@ -186,7 +186,7 @@ class ZeroShotTest(TempDirTestCase):
       loaded.score(data.test[:4])["scores"]["zero_shot"], z[:4], rtol=1e-5
     )
     # ... and on the train run's workdir (its config.json agrees).
-    _, model, _ = evaluate.restore(config, work)
+    _, model, _ = restore.trained(config, work)
     jax.tree.map(
       np.testing.assert_array_equal,
       jax.device_get(model.frozen),
@@ -201,11 +201,11 @@ class ZeroShotTest(TempDirTestCase):
     with open(os.path.join(work, "config.json"), "w") as f:
       f.write(other.to_json())
     with self.assertRaisesRegex(ValueError, "seed"):
-      evaluate.restore(config, work)
+      restore.trained(config, work)
     # Scoring inputs (score.*) may change, as for a trained run.
     rescored = smoke_config("smoke,zero_shot", seed=3)
     rescored.score.decision_threshold = 0.3
-    evaluate.restore(rescored, work)
+    restore.trained(rescored, work)
 
 
 @need_clip
@@ -250,7 +250,7 @@ class PromptCheckpointTest(TempDirTestCase):
     write_prompt_checkpoint(path, self.ctx, self.mask)
     config = smoke_config(**{"model.prompts_checkpoint": path})
     work = self.path("w")
-    method, model, mesh = evaluate.restore(config, work)
+    method, model, mesh = restore.trained(config, work)
     np.testing.assert_array_equal(
       jax.device_get(model.params["prompts"]["ctx"]),
       self.ctx.astype(np.float32),
@@ -265,7 +265,7 @@ class PromptCheckpointTest(TempDirTestCase):
     # Without the file the prompts train: evaluate then needs a checkpoint.
     trained = smoke_config()
     with self.assertRaisesRegex(FileNotFoundError, "No checkpoint"):
-      evaluate.restore(trained, self.path("untrained"))
+      restore.trained(trained, self.path("untrained"))
     # Another prompt set scores the same images otherwise.
     fresh_model = loop.place(METHOD.init_state(trained), mesh).model()
     with jax.set_mesh(mesh):

@@ -13,7 +13,15 @@ from absl.testing import absltest
 from PIL import Image
 
 from configs import ddad as ddad_config
-from jaxad import checkpoint, configlib, evaluate, loop, sharding, train
+from jaxad import (
+  checkpoint,
+  configlib,
+  evaluate,
+  loop,
+  restore,
+  sharding,
+  train,
+)
 from jaxad.data import oneclass
 from jaxad.methods.ddad import METHOD
 
@@ -111,9 +119,9 @@ class TrainTest(absltest.TestCase):
     changed = config.copy_and_resolve_references()
     changed.model.latent_size = 8
     with self.assertRaisesRegex(ValueError, "model.latent_size"):
-      evaluate.restore(changed, workdir)
+      restore.trained(changed, workdir)
     with self.assertRaisesRegex(FileNotFoundError, "train first"):
-      evaluate.restore(config, self.workdir("never-trained"))
+      restore.trained(config, self.workdir("never-trained"))
     self.assertFalse(os.path.exists(self.workdir("never-trained")))
 
   def test_a_refused_run_leaves_its_workdir_reusable(self):
