@@ -266,7 +266,7 @@ def array_image(pixels: np.ndarray, intensity: Intensity | str) -> Image.Image:
 def to_array(image: Image.Image, size: int, channels: int = 1) -> np.ndarray:
   """DDAD's online preprocessing: grayscale (or RGB), then bilinear resize
   to S x S whatever the aspect ratio (a non-square image is squashed, not
-  cropped or padded, as the originals' `transforms.Resize((S, S))`).
+  cropped or padded, as DDAD's `resize((64, 64), BILINEAR)`).
 
   Args:
     image: any PIL image (as `read_image` returns).
