@@ -18,6 +18,8 @@ images with `--data synthetic`).
 `--data synthetic` (default) times on random uint8 images shaped like the
 config's data, so it needs no dataset, tfds or grain for the step timings;
 `--data config` loads the config's dataset as training does.
+`--phases ensembles --noscoring` times one phase alone (a quicker
+comparison: `scripts/bench_cpu_layouts.sh`).
 """
 
 import json
@@ -29,7 +31,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jaxad import cli, evaluate, loop, methods, sharding
+from jaxad import cli, config_checks, evaluate, loop, methods, sharding
 
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 _DATA = flags.DEFINE_enum(
@@ -40,6 +42,14 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs (median taken).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _NUM_IMAGES = flags.DEFINE_integer(
   "num_images", 1000, "--data synthetic: known normals (and test images)."
+)
+_PHASES = flags.DEFINE_list(
+  "phases",
+  None,
+  "Training phases to time, by name (e.g. ensembles); default: all.",
+)
+_SCORING = flags.DEFINE_boolean(
+  "scoring", True, "Also time the scoring step (--noscoring: skip it)."
 )
 
 # Dense peak FLOP/s per device, for MFU: (float32, bfloat16). H100/H200 are
@@ -99,8 +109,11 @@ def _rates(
   return out
 
 
-def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
-  """Times every training phase; returns (results, final state)."""
+def bench_phases(
+  method, config, data, mesh, *, steps, repeats, warmup, only=None
+):
+  """Times every training phase (or those named in `only`); returns
+  (results, final state)."""
   state = loop.place(method.init_state(config), mesh)
   peak = peak_flops(jax.devices()[0], compute_dtype(config))
   results = []
@@ -112,6 +125,8 @@ def bench_phases(method, config, data, mesh, *, steps, repeats, warmup):
   )
   for compiled_phase in compiled_phases:
     phase = compiled_phase.phase
+    if only is not None and phase.name not in only:
+      continue
     # The call the loop makes: several steps per call when configured.
     fn, per_call = compiled_phase.step_fn, 1
     if compiled_phase.multi_step_fn is not None:
@@ -213,8 +228,19 @@ def run(
   steps: int = 10,
   repeats: int = 5,
   warmup: int = 2,
+  phases: list[str] | None = None,
+  scoring: bool = True,
 ) -> dict:
-  """All measurements for `config`, as a JSON-able dict."""
+  """All measurements for `config`, as a JSON-able dict.
+
+  Args:
+    phases: names of the training phases to time (None: all).
+    scoring: whether to time the scoring step ("scoring" is None if not).
+
+  Raises:
+    config_checks.ConfigError: a name in `phases` that the config has no
+      phase of (the message lists the phases).
+  """
   method = methods.get(config.method)
   method.check_config(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -222,9 +248,17 @@ def run(
     data = method.synthetic_data(config, num_images)
   else:
     data = method.load_data(config, workdir)
+  if phases is not None:
+    names = [p.name for p in method.phases(config, data)]
+    unknown = sorted(set(phases) - set(names))
+    if unknown:
+      raise config_checks.ConfigError(
+        f"--phases={','.join(phases)}: {config.method} with this config has "
+        f"no phase {', '.join(unknown)}; its phases: {', '.join(names)}"
+      )
   device = jax.devices()[0]
   with jax.set_mesh(mesh):
-    phases, state = bench_phases(
+    timed, state = bench_phases(
       method,
       config,
       data,
@@ -232,10 +266,13 @@ def run(
       steps=steps,
       repeats=repeats,
       warmup=warmup,
+      only=phases,
     )
-    scoring = bench_scoring(
-      method, config, state.model(), data, mesh, steps=steps, repeats=repeats
-    )
+    scored = None
+    if scoring:
+      scored = bench_scoring(
+        method, config, state.model(), data, mesh, steps=steps, repeats=repeats
+      )
   memory = device.memory_stats() or {}
   return {
     "method": config.method,
@@ -246,8 +283,9 @@ def run(
     "jax_version": jax.__version__,
     "compute_dtype": compute_dtype(config),
     "peak_flops_per_s": peak_flops(device, compute_dtype(config)),
-    "train": phases,
-    "scoring": scoring,
+    "mesh": dict(mesh.shape),
+    "train": timed,
+    "scoring": scored,
     "input_pipeline": bench_input(
       config, workdir, synthetic=synthetic, num_images=num_images
     ),
@@ -270,6 +308,8 @@ def main(argv):
       steps=_STEPS.value,
       repeats=_REPEATS.value,
       warmup=_WARMUP.value,
+      phases=_PHASES.value,
+      scoring=_SCORING.value,
     )
   print(
     f"jaxad.bench {config.method} on {result['device_kind']} "
@@ -278,10 +318,11 @@ def main(argv):
   )
   for r in result["train"]:
     print(f"  train {r['phase']:<10} {_summary(r)}")
-  print(
-    f"  scoring    {_summary(result['scoring'])} "
-    f"(batch {result['scoring']['batch_size']})"
-  )
+  if result["scoring"] is not None:
+    print(
+      f"  scoring    {_summary(result['scoring'])} "
+      f"(batch {result['scoring']['batch_size']})"
+    )
   inp = result["input_pipeline"]
   print(
     f"  input      {inp.get('images_per_s', 0):.0f} img/s"
