@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxad.models import cpu_conv
+
 Array = jax.Array
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -74,6 +76,8 @@ def conv(
     bias_init=torch_uniform(fan_in),
     dtype=dtype,
     param_dtype=jnp.float32,
+    # On CPU: 1x1 as matmuls, wide kh x kw with a matmul weight gradient.
+    conv_general_dilated=cpu_conv.auto,
     rngs=rngs,
   )
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxad.models import layers
+from jaxad.models import cpu_conv, layers
 
 Array = jax.Array
 
@@ -57,7 +57,12 @@ def _conv(
   dilation: int = 1,
   rngs: nnx.Rngs,
 ) -> nnx.Conv:
-  """`torch.nn.Conv2d(bias=False, padding=dilation * (kernel - 1) // 2)`."""
+  """`torch.nn.Conv2d(bias=False, padding=dilation * (kernel - 1) // 2)`.
+
+  On the CPU backend its weight gradient is computed as matmuls
+  (`cpu_conv.auto`: the same convolution and parameters, README
+  "Convolutions on CPU").
+  """
   pad = dilation * (kernel - 1) // 2
   return nnx.Conv(
     in_ch,
@@ -68,6 +73,7 @@ def _conv(
     kernel_dilation=(dilation, dilation),
     use_bias=False,
     kernel_init=_kaiming_fan_out,
+    conv_general_dilated=cpu_conv.auto,
     rngs=rngs,
   )
 
