@@ -1,5 +1,6 @@
 """scripts/bench_cpu_layouts.sh (syntax, shellcheck) and the jaxad.bench
-flags it relies on: --phases, --noscoring, a 2-CPU-device member layout.
+flags it relies on: --phases, --noscoring, a 2-CPU-device member layout;
+scripts/bench_cpu_convs.py at tiny shapes.
 
 No timing assertions: the script's full run is a benchmark, not a test.
 """
@@ -95,6 +96,35 @@ class BenchFlagsTest(absltest.TestCase):
     self.assertIn("no phase nope", err)
     self.assertIn("ensembles, udm_tail, refine", err)
     self.assertNotIn("Traceback", err)
+
+
+class ConvBenchTest(absltest.TestCase):
+  """scripts/bench_cpu_convs.py at tiny shapes: one row per layer and
+  implementation, four timings each."""
+
+  def run_script(self, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "bench_cpu_convs.py")]
+      + list(args),
+      cwd=REPO,
+      env=os.environ | {"JAX_PLATFORMS": "cpu"},
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  def test_tiny_layers(self):
+    proc = self.run_script("--shapes=tiny", "--reps=1")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    rows = [r.split() for r in proc.stdout.splitlines()[1:]]
+    self.assertEqual([r[-5] for r in rows], ["xla", "cpu_conv"] * 2)
+    for row in rows:
+      self.assertTrue(all(float(ms) >= 0 for ms in row[-4:]), row)
+
+  def test_unknown_impl(self):
+    proc = self.run_script("--impls=xla,cudnn")
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn("'cudnn' is not xla, cpu_conv or torch", proc.stderr)
 
 
 if __name__ == "__main__":
