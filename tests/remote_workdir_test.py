@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ from PIL import Image
 import jaxad
 from configs import ddad as ddad_config
 from jaxad import checkpoint, evaluate, export, predict, storage, train
+from jaxad.data import builder
 from tests import fake_gcs, predict_test
 
 RUN = "gs://bucket/run"
@@ -136,6 +138,18 @@ class RemoteWorkdirTest(absltest.TestCase):
     np.testing.assert_array_equal(restored["w"], [1.0, 1.0, 1.0])
     aside = os.path.join(ROOT, "bucket", "ckpt_unreadable")
     self.assertCountEqual(os.listdir(aside), ["2", "README.txt"])
+
+  def test_skipped_files_are_listed_in_the_bucket(self):
+    workdir = "gs://bucket/skips"
+    skipped = types.SimpleNamespace(name="d", skipped=[("a.png", "bad\tfile")])
+    builder.report_skipped(skipped, workdir)
+    with open(os.path.join(ROOT, "bucket", "skips", "skipped.txt")) as f:
+      self.assertEqual(f.read(), "a.png\tbad file\n")
+    builder.report_skipped(types.SimpleNamespace(name="d", skipped=[]), workdir)
+    self.assertFalse(
+      os.path.exists(os.path.join(ROOT, "bucket", "skips", "skipped.txt"))
+    )
+    self.assertEqual(os.listdir(CWD), [])
 
   def test_an_unreachable_scheme_is_named(self):
     with self.assertRaisesRegex(ValueError, r"s3://b/run: s3:// paths need"):

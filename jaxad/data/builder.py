@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from jaxad import sharding
+from jaxad import sharding, storage
 from jaxad.data import manifest as manifest_lib
 
 # tfds cannot write a split without examples; an empty part (e.g. no
@@ -260,17 +260,18 @@ def report_skipped(manifest: manifest_lib.Manifest, workdir: str) -> None:
   if jax.process_index():
     path = ""
   if not manifest.skipped:
-    if path and os.path.exists(path):
-      os.remove(path)
+    if path:
+      storage.path(path).unlink(missing_ok=True)
     return
   if path:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      for file, reason in manifest.skipped:
-        # One line per file: tabs and newlines in a reason would split it.
-        f.write(f"{file}\t{' '.join(reason.split())}\n")
-    os.replace(tmp, path)
+    # One line per file: tabs and newlines in a reason would split it.
+    storage.write_text(
+      path,
+      "".join(
+        f"{file}\t{' '.join(reason.split())}\n"
+        for file, reason in manifest.skipped
+      ),
+    )
   first, reason = manifest.skipped[0]
   logging.warning(
     "%s: skipped %d unreadable file(s) (data.skip_unreadable=true)%s; first:"
