@@ -9,7 +9,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxad import config_checks
+from jaxad import config_checks, storage
 
 # The configs shipped with jaxad: configs/ at the top of the repository,
 # installed as jaxad/configs/ (pyproject.toml maps the one folder into the
@@ -91,7 +91,11 @@ WORKDIR = flags.DEFINE_string(
 
 # What `user_errors` prints as one line: mistakes in the command or config,
 # whose message says what to change (not bugs: those keep their traceback).
-USER_ERRORS = (config_checks.ConfigError, config_checks.ConfigPathError)
+USER_ERRORS = (
+  config_checks.ConfigError,
+  config_checks.ConfigPathError,
+  storage.UnreachableError,
+)
 
 
 @contextlib.contextmanager

@@ -88,6 +88,12 @@ def export(
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
     raise ValueError(f"platforms {list(platforms)}: choose from {PLATFORMS}")
+  if str(output).endswith("/") or storage.path(output).is_dir():
+    raise ValueError(
+      f"output {output} is a folder: give the artefact's file path, e.g."
+      f" {str(output).rstrip('/')}/model.jaxexport"
+    )
+  storage.path(output)  # an unreachable URI fails here, before any work
   _check_serialization()
   trained = inference.load(workdir, mesh_data=1)
   config, method = trained.config, trained.method
@@ -294,6 +300,11 @@ def main(argv):
 
   from jaxad import cli
 
+  with cli.user_errors(ValueError, FileNotFoundError, ImportError):
+    _main(logging, cli)
+
+
+def _main(logging, cli) -> None:
   cli.setup_logging()
   workdir, output = cli.WORKDIR.value, _OUTPUT.value
   if output is None:

@@ -382,13 +382,16 @@ _BATCH_SIZE = flags.DEFINE_integer(
 )
 
 
-@cli.user_errors(manifest.DataError, FileNotFoundError)
+# A mistake in the inputs or flags (a folder without images, an unusable
+# .npz, --batch_size 0): one line, exit 2.
+@cli.user_errors(manifest.DataError, FileNotFoundError, ValueError)
 def main(argv):
   del argv
   cli.setup_logging()
   if cli.CONFIG.value is not None:
     raise app.UsageError(
-      "predict reads the run's config from W/config.json: drop --config"
+      "predict reads the run's config from the workdir (W/eval_config.json,"
+      " else W/config.json): drop --config"
     )
   workdir = cli.WORKDIR.value
   trained = inference.load(workdir, batch_size=_BATCH_SIZE.value)

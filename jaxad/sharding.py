@@ -33,6 +33,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxad import config_checks
+
 MEMBER_AXIS = "member"
 DATA_AXIS = "data"
 
@@ -142,7 +144,8 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh, key: str) -> None:
 def check_members(
   num_members: int, mesh_config: mlc.ConfigDict, key: str
 ) -> None:
-  """Raises ValueError unless `config.mesh.member` divides the members.
+  """Raises ConfigError (a ValueError) unless `config.mesh.member` divides
+  the members.
 
   Args:
     num_members: K, the networks of one member-stacked pytree.
@@ -151,7 +154,7 @@ def check_members(
   """
   member = mesh_config.get("member", 1)
   if num_members % member:
-    raise ValueError(
+    raise config_checks.ConfigError(
       f"{key}={num_members} must be divisible by config.mesh.member="
       f"{member}: every device of the member axis holds the same number "
       "of members"

@@ -24,7 +24,14 @@ import numpy as np
 from etils import epath
 
 # What `pip install 'jaxad[gcs]'` adds; see pyproject.toml.
-_INSTALL = {"gs": "pip install 'jaxad[gcs]' (gcsfs, google-cloud-storage)"}
+_INSTALL = {
+  "gs": "pip install 'jaxad[gcs]' (from a checkout: pip install -e"
+  " '.[gcs]'; gcsfs and google-cloud-storage)"
+}
+
+
+class UnreachableError(ValueError):
+  """A URI whose file system is not installed (the message names it)."""
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -34,8 +41,10 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 def absolute(path: str | os.PathLike) -> str:
   """`path` as a string: local paths absolute (with `~` expanded), URIs as
-  given (without a trailing slash)."""
+  given (without a trailing slash); `file://` URIs are local paths."""
   text = os.fspath(path)
+  if text.startswith("file://"):
+    text = text[len("file://") :]
   if is_remote(text):
     return text.rstrip("/")
   return os.path.abspath(os.path.expanduser(text))
@@ -45,8 +54,8 @@ def path(p: str | os.PathLike) -> epath.Path:
   """`absolute(p)` as an `epath.Path`.
 
   Raises:
-    ValueError: a URI whose scheme this installation cannot reach (e.g.
-      `gs://` without gcsfs), naming what to install.
+    UnreachableError: a URI whose scheme this installation cannot reach
+      (e.g. `gs://` without gcsfs), naming what to install.
   """
   text = absolute(p)
   if is_remote(text):
@@ -55,7 +64,7 @@ def path(p: str | os.PathLike) -> epath.Path:
 
 
 def check_reachable(uri: str) -> None:
-  """Raises ValueError unless a file system for `uri`'s scheme is
+  """Raises UnreachableError unless a file system for `uri`'s scheme is
   installed (epath uses fsspec's, e.g. gcsfs for `gs://`)."""
   import fsspec  # epath's own dependency for URIs
 
@@ -64,7 +73,7 @@ def check_reachable(uri: str) -> None:
     fsspec.get_filesystem_class("gcs" if scheme == "gs" else scheme)
   except (ImportError, ValueError) as e:
     hint = _INSTALL.get(scheme, f"an fsspec file system for {scheme}://")
-    raise ValueError(
+    raise UnreachableError(
       f"{uri}: {scheme}:// paths need {hint}; not installed here ({e})"
     ) from None
 
@@ -86,6 +95,15 @@ def write_text(p: str | os.PathLike, text: str) -> None:
   fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
   with os.fdopen(fd, "w") as out:
     out.write(text)
+  _publish(tmp, f)
+
+
+def _publish(tmp: str, f: epath.Path) -> None:
+  """Renames the temporary file `tmp` to `f`, with the mode `open` would
+  have given it (mkstemp makes 0600 files: unreadable to others)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
   os.replace(tmp, f)
 
 
@@ -99,7 +117,7 @@ def write_bytes(p: str | os.PathLike, data: bytes) -> None:
   fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
   with os.fdopen(fd, "wb") as out:
     out.write(data)
-  os.replace(tmp, f)
+  _publish(tmp, f)
 
 
 def write_json(p: str | os.PathLike, record: Any, indent: int = 1) -> None:

@@ -115,13 +115,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-  print("layer (N,H,W,Cin,Cout,k,s,p)  impl      " + "  ".join(OPS) + " (ms)")
+  header = "".join(f"{op:>9s}" for op in OPS)
+  print(f"{'layer (N,H,W,Cin,Cout,k,s,p)':30s} {'impl':9s}{header} (ms)")
   for shape in SHAPES[args.shapes]:
     for impl in impls:
       ops = torch_ops(shape) if impl == "torch" else jax_ops(shape, impl)
       ms = [_median_ms(ops[op], args.reps) for op in OPS]
-      cells = " ".join(f"{m:6.0f}" for m in ms)
-      print(f"{str(shape):30s} {impl:9s} {cells}", flush=True)
+      cells = "".join(f"{m:9.1f}" for m in ms)
+      print(f"{str(shape):30s} {impl:9s}{cells}", flush=True)
 
 
 if __name__ == "__main__":

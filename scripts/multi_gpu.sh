@@ -26,7 +26,8 @@
 #   DISK_SIZE     create: boot disk (default 200GB)
 #   SPOT=1        create: a Spot VM (may be preempted: re-run `run`, it
 #                 resumes from the workdir's last checkpoint)
-#   CUDA_EXTRA    setup: the jaxad extra, cuda (CUDA 13, driver >= 580;
+#   CUDA_EXTRA    setup: the jaxad extra (with gcs, for gs:// workdirs),
+#                 cuda (CUDA 13, driver >= 580;
 #                 default) or cuda12 (older drivers)
 #   REPO_URL, REPO_REF  setup: git clone this repository (at this ref) on
 #                 the VM; default: copy this checkout
@@ -94,7 +95,7 @@ step_setup() {
     vm scp "$tarball" "$VM_NAME:~/jaxad-src.tar.gz"
   fi
   vm ssh "$VM_NAME" --command="set -e; $(remote_fetch_source) && \
-$(remote_python_setup "${CUDA_EXTRA:-cuda}")"
+$(remote_python_setup "${CUDA_EXTRA:-cuda},gcs")"
 }
 
 step_data() {
@@ -162,7 +163,7 @@ step_local-setup() {
   run "${PYTHON:-python3}" -m venv "$venv"
   run "$venv/bin/pip" install -q --upgrade pip
   run cd "$JAXAD_REPO"
-  run "$venv/bin/pip" install -q ".[${CUDA_EXTRA:-cuda}]"
+  run "$venv/bin/pip" install -q ".[${CUDA_EXTRA:-cuda},gcs]"
 }
 
 step_local-run() {

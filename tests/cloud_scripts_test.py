@@ -184,6 +184,22 @@ class TpuScriptTest(absltest.TestCase):
       " --recursive gs://bucket/Med-AD/RSNA/ ~/jaxad-data/RSNA",
     )
     self.assertIn("python -m jaxad.train", remote_command(ssh[2]))
+    # Names are quoted for the remote shell: a space or `;` stays a name.
+    rc, commands, err = run_script(
+      TPU, "data", "TPU_NAME=t", "ZONE=z", "DATA=gs://b/my data;rm -rf ~"
+    )
+    self.assertEqual(rc, 0, err)
+    self.assertEqual(
+      remote_command(commands[0]),
+      "set -e; mkdir -p ~/jaxad-data/'my data;rm -rf ~' && gcloud storage"
+      " rsync --recursive 'gs://b/my data;rm -rf ~' ~/jaxad-data/'my"
+      " data;rm -rf ~'",
+    )
+    rc, commands, err = run_script(
+      TPU, "data", "TPU_NAME=t", "ZONE=z", "DATA=gs://b/x", "DATA_DIR=~/d x"
+    )
+    self.assertEqual(rc, 0, err)
+    self.assertIn("mkdir -p ~/'d x' &&", remote_command(commands[0]))
     rc, _, err = run_script(TPU, "data", "TPU_NAME=t", "ZONE=z", "DATA=/d")
     self.assertEqual(rc, 2)
     self.assertIn("DATA=/d: a gs:// folder", err)
@@ -228,7 +244,7 @@ class MultiGpuScriptTest(absltest.TestCase):
     ssh = [c for c in commands if c[:3] == ["gcloud", "compute", "ssh"]]
     self.assertLen(ssh, 3)  # setup, run, wait
     setup, run, _ = (remote_command(c) for c in ssh)
-    self.assertIn("~/venv/bin/pip install -q '.[cuda12]'", setup)
+    self.assertIn("~/venv/bin/pip install -q '.[cuda12,gcs]'", setup)
     # One process on the host, all its GPUs: no distributed set-up.
     self.assertIn("python -m jaxad.train", run)
     self.assertNotIn("JAXAD_DISTRIBUTED", run)
@@ -252,7 +268,7 @@ class MultiGpuScriptTest(absltest.TestCase):
   def test_local_setup_and_multi_host_run(self):
     rc, commands, err = run_script(GPU, "local-setup")
     self.assertEqual(rc, 0, err)
-    self.assertEqual(commands[-1][-1], ".[cuda]")
+    self.assertEqual(commands[-1][-1], ".[cuda,gcs]")
     self.assertEqual(commands[-1][1:3], ["install", "-q"])
     rc, commands, err = run_script(
       GPU,

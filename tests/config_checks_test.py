@@ -406,6 +406,15 @@ class DataRootTest(TempDirTestCase):
       c.data.root = self.path("x.npz")
       check(c)
 
+  def test_members_must_split_evenly_over_the_member_axis(self):
+    c = config("ddad", "paper", **{"mesh.member": 2})  # K = 3
+    with self.assertRaisesRegex(
+      ConfigError,
+      r"config\.model\.num_members=3 must be divisible by"
+      r" config\.mesh\.member=2",
+    ):
+      check(c)
+
   def test_a_bucket_data_root_is_refused(self):
     c = config("ddad", **{"data.format": "medad"})
     c.data.root = "gs://bucket/Med-AD/RSNA"

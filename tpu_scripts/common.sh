@@ -138,9 +138,15 @@ pack_source() {
 # reads datasets from local folders (workdirs may be gs://, data roots
 # not). rsync: a second run copies only what changed.
 remote_stage_data() {
-  local name="${DATA%/}"
+  local name="${DATA%/}" dest
   name="${name##*/}"
-  local dest="${DATA_DIR:-~/jaxad-data/$name}"
+  # Quoted for the remote shell, but for a leading ~/ that it expands.
+  # shellcheck disable=SC2088  # ~ is the machine's home, expanded there
+  case "${DATA_DIR:-}" in
+    "") dest="~/jaxad-data/$(quote "$name")" ;;
+    "~/"*) dest="~/$(quote "${DATA_DIR#"~/"}")" ;;
+    *) dest="$(quote "$DATA_DIR")" ;;
+  esac
   printf '%s' "mkdir -p $dest && "
   printf '%s' "gcloud storage rsync --recursive $(quote "$DATA") $dest"
 }

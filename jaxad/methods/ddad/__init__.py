@@ -38,13 +38,15 @@ class DDAD(api.Defaults):
 
     Raises:
       ConfigError: a shared check (`jaxad.config_checks`), fewer than 2
-        members, an image size the AE cannot take, an unknown backbone,
-        upsampling, dtype or member strategy, a layer width below 1, a
+        members, members not divisible by `mesh.member`, an image size the
+        AE cannot take, an unknown backbone, upsampling, dtype or member
+        strategy, a layer width below 1, a
         refinement stage that trains no epoch or has unknown inputs, or an
         anomaly rate the embedded set's fixed pool does not have.
     """
     config_checks.check_shared(config, trains=True, method="DDAD")
     config_checks.check_embedded_pool(config)
+    ensembles.check_members(config)  # K over the mesh's member axis
     m = config.model
     if m.num_members < 2:
       # The intra-discrepancy map is the members' unbiased std (ddof=1).
