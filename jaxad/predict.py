@@ -394,9 +394,10 @@ def main(argv):
       " else W/config.json): drop --config"
     )
   workdir = cli.WORKDIR.value
+  output = _OUTPUT.value or default_output(workdir, _INPUT.value)
+  storage.path(output)  # an unreachable URI fails here, before any work
   trained = inference.load(workdir, batch_size=_BATCH_SIZE.value)
   logging.info("%r", trained)
-  output = _OUTPUT.value or default_output(workdir, _INPUT.value)
   summary = predict(trained, _INPUT.value, output, overlays=_OVERLAYS.value)
   if not summary["scored"]:  # every input unreadable: nothing to act on
     print(

@@ -3,6 +3,8 @@ mode, `file://` URIs, and the error for a scheme without a file system."""
 
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -47,6 +49,28 @@ class StorageTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"is a folder: give the"):
       export.export(os.path.join(self.tmp, "no-run"), self.tmp + "/z/")
     self.assertFalse(os.path.exists(os.path.join(self.tmp, "z")))
+
+  def test_predict_refuses_an_unreachable_output_before_loading(self):
+    proc = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "jaxad.predict",
+        "--workdir",
+        os.path.join(self.tmp, "no-run"),  # never read
+        "--input",
+        self.tmp,
+        "--output",
+        "s3://b/out",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertIn("error: s3://b/out: s3:// paths need", proc.stderr)
+    self.assertNotIn("Traceback", proc.stderr)
 
 
 if __name__ == "__main__":
