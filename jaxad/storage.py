@@ -85,17 +85,8 @@ def read_text(p: str | os.PathLike) -> str | None:
 
 
 def write_text(p: str | os.PathLike, text: str) -> None:
-  """Writes `text` to `p` whole (see the module docstring), creating the
-  folder."""
-  f = path(p)
-  f.parent.mkdir(parents=True, exist_ok=True)
-  if is_remote(f):
-    f.write_text(text)
-    return
-  fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
-  with os.fdopen(fd, "w") as out:
-    out.write(text)
-  _publish(tmp, f)
+  """Writes `text` (UTF-8) to `p` whole, as `write_bytes`."""
+  write_bytes(p, text.encode())
 
 
 def _publish(tmp: str, f: epath.Path) -> None:
@@ -108,7 +99,8 @@ def _publish(tmp: str, f: epath.Path) -> None:
 
 
 def write_bytes(p: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `p` whole, as `write_text`."""
+  """Writes `data` to `p` whole (see the module docstring), creating the
+  folder."""
   f = path(p)
   f.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(f):
