@@ -56,6 +56,7 @@ from jaxad import (
 )
 from jaxad.data import decode
 from jaxad.methods import api
+from jaxad.models import block_barrier
 
 EVAL_CONFIG = "eval_config.json"
 
@@ -68,6 +69,7 @@ def score_fn(method: api.Method, config: mlc.ConfigDict, mesh):
   return jax.jit(
     lambda model, context, images: method.score(config, model, context, images),
     out_shardings=sharding.replicated(mesh),
+    compiler_options=block_barrier.compiler_options(),
   )
 
 

@@ -25,6 +25,7 @@ from absl import logging
 
 from jaxad import checkpoint, eta, preemption, sharding, storage
 from jaxad.methods import api
+from jaxad.models import block_barrier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +166,12 @@ def jit_steps(step: Callable, *, steps_per_call: int, out_shardings):
     raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
 
   def jit(fn):
-    return jax.jit(fn, donate_argnums=0, out_shardings=out_shardings)
+    return jax.jit(
+      fn,
+      donate_argnums=0,
+      out_shardings=out_shardings,
+      compiler_options=block_barrier.compiler_options(),
+    )
 
   multi = None
   if steps_per_call > 1:

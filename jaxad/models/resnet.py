@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxad.models import cpu_conv, layers
+from jaxad.models import block_barrier, cpu_conv, layers
 
 Array = jax.Array
 
@@ -129,7 +129,8 @@ class _Block(nnx.Module):
     out = jax.nn.relu(out + shortcut)
     if self.se is not None and self.se_mode == "post_add":
       out = self.se(out)
-    return out
+    # Stored once, not re-computed by every consumer on CPU (block_barrier).
+    return block_barrier.keep(out)
 
   def _init_tail(self, in_ch, out_ch, *, stride, se, se_reduction, rngs):
     self.se_mode = se

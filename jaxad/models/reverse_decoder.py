@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxad.models import layers, resnet
+from jaxad.models import block_barrier, layers, resnet
 
 Array = jax.Array
 
@@ -98,7 +98,7 @@ class UpBottleneck(nnx.Module):
     out = jax.nn.relu(self.bn1(self.conv1(x), train=train))
     out = jax.nn.relu(self.bn2(self.conv2(out), train=train))
     out = self.bn3(self.conv3(out), train=train)
-    return jax.nn.relu(out + self.upsample(x, train=train))
+    return block_barrier.keep(jax.nn.relu(out + self.upsample(x, train=train)))
 
 
 class ReverseDecoder(nnx.Module):
