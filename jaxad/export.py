@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from jaxad import storage
+from jaxad.models import block_barrier
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 FORMAT = "jaxad.export/1"
@@ -115,7 +116,9 @@ def export(
   b = jax.export.symbolic_shape("b")[0] if batch is None else int(batch)
   spec = jax.ShapeDtypeStruct((b, s, s, c), np.uint8)
   try:
-    exported = jax.export.export(jax.jit(score), platforms=platforms)(spec)
+    # No CPU-only fusion barriers in a program other platforms may run.
+    with block_barrier.off():
+      exported = jax.export.export(jax.jit(score), platforms=platforms)(spec)
   except Exception as e:  # noqa: BLE001 - re-raised with the way out
     if batch is not None:
       raise

@@ -160,7 +160,10 @@ def jit_steps(step: Callable, *, steps_per_call: int, out_shardings):
   Several steps per call keep Python out of the hot loop where dispatch
   dominates (small models on GPU/TPU). On XLA CPU a convolution inside a
   while loop runs about 30x slower (PERFORMANCE.md), so there the steps are
-  unrolled instead of scanned.
+  unrolled instead of scanned. On CPU both compile with
+  `block_barrier.compiler_options()`, so they cannot be called inside
+  another jit there (jax refuses nested compiler options): nest `step`
+  itself (`fn.__wrapped__`).
   """
   if steps_per_call < 1:
     raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")

@@ -317,7 +317,10 @@ class TrainStepTest(parameterized.TestCase):
     """The scanned K-step program of GPU/TPU (CPU unrolls the same steps)."""
     mesh = sharding.make_mesh(config.mesh)
     phase = first_phase(config, mesh)
-    multi = jax.jit(repeat(phase.step_fn, num_steps, unroll=False))
+    # The step as the loop jits it, unwrapped: a jit compiled with CPU
+    # compiler options (block_barrier) cannot be nested in another jit.
+    step = phase.step_fn.__wrapped__
+    multi = jax.jit(repeat(step, num_steps, unroll=False))
 
     def call(start):
       with jax.set_mesh(mesh):
