@@ -37,7 +37,7 @@ SHARED_DATA = os.path.join(
 )
 
 
-def _shared_sources(*names: str) -> list[dict]:
+def _shared_sources(*names: str) -> tuple[dict, ...]:
   """`data.sources` entries for the real sets in ../shared/data (DATA.md)."""
   entries = {
     "pneumoniamnist": dict(
@@ -61,7 +61,7 @@ def _shared_sources(*names: str) -> list[dict]:
       normal_class="nevus",
     ),
   }
-  return [dict(entries[n], name=n) for n in names]
+  return tuple(dict(entries[n], name=n) for n in names)
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
@@ -78,9 +78,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # other>, optional ROOT/med-kshot/<T>/train/shot<K>/good<K>/; every
     # dataset folder but the target is a source. "" = use `sources` only.
     root="",
-    # More sources (or the target) in jaxad's other layouts: a list of
-    # {"format", "root", "name", ...} entries (jaxad.data.fewshot).
-    sources=[],
+    # More sources (or the target) in jaxad's other layouts: a tuple of
+    # {"format", "root", "name", ...} dicts or "format=...,root=..."
+    # strings (jaxad.data.fewshot); a tuple, so that the command line can
+    # set it: --config.data.sources="('format=folders,root=/d,name=x',)".
+    sources=(),
     target="",  # the dataset scored (never trained on)
     shots=4,  # K supports per query (training) and for the target (test)
     # The target's supports: "auto" (a fixed med-kshot folder when there

@@ -14,8 +14,10 @@ elementwise fusions took about 11 of the step's 23 thread-seconds.
 `keep(x)` wraps a block's output in `lax.optimization_barrier`, which XLA
 cannot fuse through, so the output is written once and read by its
 consumers. XLA:CPU removes barriers early in its pipeline (the
-`cse_barrier_expander` pass), so the jits that run such blocks compile
-with `compiler_options()`, which keeps them. The same float32 operations
+`cse_barrier_expander` pass), so the training-step and scoring jits
+(`loop.jit_steps`, `evaluate.score_fn`) compile with `compiler_options()`,
+which keeps them; elsewhere (one-off jits, jits nested in others) the
+barriers are dropped and nothing changes. The same float32 operations
 run, stored instead of re-computed; XLA's fusion around them differs, so
 a reduction's sum may run in another order: results differ from the
 unbarriered program by float32 summation order only (a training run

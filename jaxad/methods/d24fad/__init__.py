@@ -27,7 +27,7 @@ from jaxad import config_checks
 from jaxad.methods import api
 from jaxad.methods.d24fad import episodes, forward
 from jaxad.methods.d24fad.learn_to_weight import LearnToWeight
-from jaxad.models import block_barrier, resnet, reverse_decoder, teacher
+from jaxad.models import resnet, reverse_decoder, teacher
 
 Array = jax.Array
 SCORE = "d24fad"
@@ -333,9 +333,9 @@ class D24FAD(api.Defaults):
     another `data.shots` or support draw re-scores without retraining."""
     del config
 
-    @functools.partial(
-      jax.jit, compiler_options=block_barrier.compiler_options()
-    )
+    # No block_barrier options: this runs once per evaluation and may be
+    # traced inside another jit (nested jits refuse compiler options).
+    @jax.jit
     def features(model, support):
       e4 = _encode(model, to_input(support))["layer4"]
       return forward.support_features(
