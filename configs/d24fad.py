@@ -123,6 +123,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # after the other, as the original runs them (a scan: 2.7x slower per
     # step on a CPU, README); "fast": one batch for all, not the original.
     bn_mode="parallel",
+    # Keep the frozen teacher's layer4 of every training-pool image on each
+    # device, computed once per run (h*w*2048 float32: 128 KB per image at
+    # 128 px), so a step encodes its B queries only, not their K supports
+    # too (the same values up to float rounding; README). False: encode
+    # all (K+1)*B images every step, as the original, for pools too big.
+    teacher_cache=True,
   )
   c.optim = dict(lr=1e-4, b1=0.5, b2=0.999)  # Adam, no decay/schedule
   c.train = dict(

@@ -132,6 +132,9 @@ def bench_phases(
     if compiled_phase.multi_step_fn is not None:
       fn, per_call = compiled_phase.multi_step_fn, compiled_phase.steps_per_call
     batches = None if phase.batches is None else phase.batches(0)
+    start = time.perf_counter()
+    compiled_phase = compiled_phase.with_derived(state)
+    derive_s = time.perf_counter() - start
     inputs = compiled_phase.next_inputs(batches)
     start = time.perf_counter()
     compiled = fn.lower(state, inputs).compile()
@@ -153,6 +156,8 @@ def bench_phases(
       "compile_s": compile_s,
       "steps_per_call": per_call,
     }
+    if phase.derive is not None:  # once per run, not in the step's time
+      result["derive_s"] = derive_s
     # XLA's cost analysis of a scanned loop counts its body once: take the
     # FLOPs of one step from the single-step program.
     one_step = compiled
@@ -216,6 +221,8 @@ def _summary(r: dict) -> str:
     parts.append(f"{r['tflops_per_s']:.3f} TFLOP/s")
   if r.get("mfu"):
     parts.append(f"MFU {100 * r['mfu']:.1f}%")
+  if "derive_s" in r:
+    parts.append(f"{r['derive_s']:.1f} s once for derived inputs")
   return ", ".join(parts)
 
 

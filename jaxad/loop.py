@@ -69,6 +69,30 @@ class CompiledPhase:
     # devices' shards of the (same) global batch.
     return sharding.put(batch, sharding.batch_sharded(self.mesh))
 
+  def with_derived(self, state) -> "CompiledPhase":
+    """This phase with `phase.derive`'s inputs added (itself without one).
+
+    Called once per run before the phase's first step; logs what was
+    derived, its size and time (it may take minutes: e.g. a frozen
+    network over a whole resident pool).
+    """
+    derive = self.phase.derive
+    if derive is None:
+      return self
+    start = time.perf_counter()
+    with jax.set_mesh(self.mesh):
+      derived = derive(state, self.inputs, self.mesh)
+    derived = place(derived, self.mesh)
+    jax.block_until_ready(derived)
+    logging.info(
+      "Phase %s: derived %s (%.2f GB per device) in %.1f s",
+      self.phase.name,
+      ", ".join(f"{k} {list(v.shape)}" for k, v in derived.items()),
+      sum(v.nbytes for v in derived.values()) / 1e9,
+      time.perf_counter() - start,
+    )
+    return dataclasses.replace(self, inputs={**self.inputs, **derived})
+
 
 def place(tree, mesh: jax.sharding.Mesh):
   """`tree` on `mesh`: leaves a method split over the `member` axis
@@ -100,6 +124,8 @@ def compile_phase(
     raise ValueError(
       f"Phase {phase.name!r}: give exactly one of inputs and batches"
     )
+  if phase.derive is not None and not isinstance(phase.inputs, dict):
+    raise ValueError(f"Phase {phase.name!r}: derive needs dict inputs")
 
   def step(state, inputs):
     new, metrics = phase.step_fn(state, inputs, state.step - start)
@@ -268,6 +294,7 @@ def train(
         f" x {phase.members} members" if phase.members > 1 else "",
       )
       batches = None if phase.batches is None else phase.batches(step - start)
+      compiled = compiled.with_derived(state)
       pending, t_last, step_last = [], time.perf_counter(), step
       k = compiled.steps_per_call
       compiled_fns = set()  # this phase's functions called (compiled) yet

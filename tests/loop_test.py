@@ -162,6 +162,43 @@ class LoopTest(absltest.TestCase):
     self.assertEqual(steps, [2, 4, 6, 8, 10])
     self.assertIs(signal.getsignal(signal.SIGINT), before)
 
+  def test_derived_inputs_once_per_run_in_every_step(self):
+    calls = []
+
+    def derive(state, inputs, mesh):
+      calls.append(int(state.step))
+      return {"extra": jnp.float32(2.0) * inputs["base"]}
+
+    def step(state, inputs, local_step):
+      del local_step
+      new = state.replace(total=state.total + inputs["base"] + inputs["extra"])
+      return new, {"loss": jnp.float32(0.0)}
+
+    p = api.Phase(
+      "derived", 7, step, 2, "train.batch_size",
+      inputs={"base": jnp.float32(1.0)}, derive=derive,
+    )  # fmt: skip
+    state, _, _ = train([phase("a", 2), p], steps_per_call=3)
+    self.assertEqual(calls, [2])  # once, when the phase starts
+    self.assertEqual(float(state.total), 2.0 + 7 * 3.0)
+    # A resumed run derives them again, from the restored state.
+    resumed = counter().replace(step=jnp.int32(6), total=jnp.float32(0.0))
+    state, _, _ = train([phase("a", 2), p], state=resumed)
+    self.assertEqual((calls, float(state.total)), ([2, 6], 3 * 3.0))
+    # A finished phase derives nothing.
+    mesh = sharding.make_mesh(mlc.ConfigDict({"data": 1}))
+    loop.train(
+      loop.place(counter().replace(step=jnp.int32(9)), mesh),
+      loop.compile_phases([phase("a", 2), p], mesh, 1),
+      workdir=tempfile.mkdtemp(),
+      checkpointer=checkpoint.Checkpointer(f"{tempfile.mkdtemp()}/c"),
+      log_every=4,
+      checkpoint_every=8,
+    )
+    self.assertEqual(calls, [2, 6])
+    with self.assertRaisesRegex(ValueError, "derive needs dict inputs"):
+      loop.compile_phases([phase("x", 1, derive=derive)], mesh, 1)
+
   def test_steps_per_call_must_be_positive(self):
     with self.assertRaisesRegex(ValueError, "steps_per_call"):
       loop.jit_steps(count_step, steps_per_call=0, out_shardings=None)

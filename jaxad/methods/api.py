@@ -94,7 +94,7 @@ import ml_collections as mlc
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 Array = jax.Array
 Config = mlc.ConfigDict
@@ -316,6 +316,13 @@ class Phase:
   `batch_size` (the images a step draws, checked against the mesh under
   the config key `batch_key`) and `members` (networks trained per image,
   >1 for ensembles) give the logged throughput.
+
+  `derive(state, inputs, mesh)`, optional with `inputs`: resident inputs
+  computed once per run, before the phase's first step, from the placed
+  state and inputs (e.g. a frozen network's features of a resident pool,
+  so that no step recomputes them); a dict of arrays merged into `inputs`
+  and kept replicated. It must read only what no step changes (frozen
+  networks, inputs): a resumed run derives them again.
   """
 
   name: str
@@ -326,6 +333,7 @@ class Phase:
   inputs: Any = None
   batches: Callable[[int], Iterator[Any]] | None = None
   members: int = 1
+  derive: Callable[[TrainState, Any, Mesh], dict[str, Array]] | None = None
 
 
 def check_batches(

@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxad import config_checks
 from jaxad.methods import api
-from jaxad.methods.d24fad import episodes, forward
+from jaxad.methods.d24fad import episodes, forward, teacher_cache
 from jaxad.methods.d24fad.learn_to_weight import LearnToWeight
 from jaxad.models import resnet, reverse_decoder, teacher
 
@@ -82,13 +82,16 @@ def train_step(state, inputs, local_step, *, tx, draw, bn_mode):
     state: decoder + learn-to-weight (trained), teacher (frozen).
     inputs: {"pool": [N, S, S, C] uint8 resident training normals of every
       source, grouped by source; "pool_source" [N] int32; "start", "size"
-      [S] int32 (`episodes.source_ranges`); "data_key", "noise_key"}.
+      [S] int32 (`episodes.source_ranges`); "data_key", "noise_key"; with
+      `model.teacher_cache`, "pool_layer4" [N, h, w, 2048] float32 (the
+      teacher's layer4 of every pool image, `teacher_cache`)}.
     local_step: step within the phase (the only phase).
     draw: `episodes.draw` with its static arguments bound.
 
   Returns:
     The new state and {"loss", "ssd_loss", "tsd_loss", "l2_grads"}.
   """
+  pool = inputs["pool"]
   queries, supports = draw(
     local_step,
     pool_source=inputs["pool_source"],
@@ -98,11 +101,15 @@ def train_step(state, inputs, local_step, *, tx, draw, bn_mode):
     noise_key=inputs["noise_key"],
   )
   k, b = supports.shape
-  images = inputs["pool"][jnp.concatenate([queries, supports.reshape(-1)])]
-  x = api.shard_batch(to_input(images))
-  feats = _encode(state.model(), x)
-  e4 = feats["layer4"]
-  e4_query, e4_support = e4[:b], e4[b:].reshape(k, b, *e4.shape[1:])
+  if "pool_layer4" in inputs:  # teacher_cache: encode the queries only
+    feats = _encode(state.model(), api.shard_batch(to_input(pool[queries])))
+    e4_query = inputs["pool_layer4"][queries]  # (feats' layer4: unused)
+    e4_support = inputs["pool_layer4"][supports]
+  else:
+    images = pool[jnp.concatenate([queries, supports.reshape(-1)])]
+    feats = _encode(state.model(), api.shard_batch(to_input(images)))
+    e4 = feats["layer4"]
+    e4_query, e4_support = e4[:b], e4[b:].reshape(k, b, *e4.shape[1:])
   tsd_teacher = tuple(feats[f"layer{i}"][:b] for i in (1, 2, 3))
   loss_fn = functools.partial(
     forward.train_loss,
@@ -206,6 +213,10 @@ class D24FAD(api.Defaults):
       if e.format in config_checks.LAYOUTS:
         config_checks.check_source(e.data, f"data.sources[{e.name!r}]")
 
+  def resumable_changes(self, stored) -> tuple[str, ...]:
+    del stored
+    return ("model.teacher_cache",)  # where layer4 comes from, not what
+
   def rescoring_changes(self) -> tuple[str, ...]:
     # The support set is an input of scoring, not a weight: another K or
     # support draw/folder re-scores a trained model (`jaxad.evaluate`).
@@ -300,6 +311,23 @@ class D24FAD(api.Defaults):
       draw=draw,
       bn_mode=config.model.bn_mode,
     )
+    derive = None
+    if config.model.teacher_cache:
+
+      def layer4(model, images):
+        return _encode(model, api.shard_batch(to_input(images)))["layer4"]
+
+      def derive(state, inputs, mesh):
+        return {
+          "pool_layer4": teacher_cache.pool_layer4(
+            state.model(),
+            inputs["pool"],
+            mesh,
+            encode=layer4,
+            chunk=b * (k + 1),  # a step's batch before the cache
+          )
+        }
+
     return [
       api.Phase(
         "d24fad",
@@ -314,6 +342,7 @@ class D24FAD(api.Defaults):
           "size": size,
           **api.step_keys(config.seed, 1000),
         },
+        derive=derive,
       )
     ]
 
