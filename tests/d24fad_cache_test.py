@@ -75,6 +75,14 @@ def test_derived_before_the_first_step():
   )
   _, _, _, _, off = _setup(False)
   assert off.with_derived(state) is off  # nothing to derive
+  # A pool smaller than a step's (K + 1) B = 24 images: chunks of B.
+  _, _, small, state, phase = _setup(True, num_images=20)
+  cache = phase.with_derived(state).inputs["pool_layer4"]
+  assert cache.shape == (len(small.pools), 1, 1, 2048) == (20, 1, 1, 2048)
+  scale = float(jnp.max(jnp.abs(cache)))
+  np.testing.assert_allclose(
+    cache / scale, _encode_all(state, small.pools) / scale, atol=RTOL
+  )
 
 
 def _one_step(teacher_cache_on: bool):
@@ -97,3 +105,32 @@ def test_the_step_is_the_same_and_encodes_the_queries_only():
   # K = 2 supports per query are no longer encoded every step.
   if flops and flops0:
     assert flops < flops0
+
+
+class _Device:
+  def __init__(self, limit):
+    self.limit = limit
+
+  def memory_stats(self):
+    return {"bytes_limit": self.limit}
+
+
+class _Mesh:
+  def __init__(self, limit):
+    self.devices = np.array([_Device(limit)])
+
+
+def test_a_cache_over_half_the_device_memory_is_refused_before_compute():
+  _, _, data, state, _ = _setup(True, num_images=11)
+  pool = jnp.asarray(data.pools)  # 10 images x 2048 float32 = 81,920 bytes
+  calls = []
+
+  def encode(model, x):
+    calls.append(x.shape)  # traced by eval_shape only, then refused
+    return d24fad._encode(model, d24fad.to_input(x))["layer4"]
+
+  with pytest.raises(ValueError, match=r"teacher_cache=false"):
+    teacher_cache.pool_layer4(
+      state.model(), pool, _Mesh(100_000), encode=encode, chunk=4
+    )
+  assert calls == [(4, 32, 32, 3)]

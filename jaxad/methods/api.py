@@ -64,7 +64,10 @@ Lifecycle of a run
    its networks updated and a dict of scalar metrics (names with "loss"
    are printed). A batch a step draws from resident `inputs` must pass
    through `shard_batch`, or every device computes the whole batch.
-   `jaxad.bench` calls it on the method's own `synthetic_data`.
+   `Phase.derive` adds resident inputs computed once per run from the
+   placed state before the phase's first step (e.g. a frozen network's
+   features of a resident pool). `jaxad.bench` calls it on the method's
+   own `synthetic_data`.
 5. `score_context(config, model, data)`: anything scoring needs that is
    computed once per evaluation (e.g. support-set or text features);
    default None.

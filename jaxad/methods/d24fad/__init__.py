@@ -75,6 +75,11 @@ def _encode(model: api.Model, x: Array) -> dict[str, Array]:
   return {k: jax.lax.stop_gradient(v) for k, v in feats.items()}
 
 
+def _pool_layer4(model: api.Model, images: Array) -> Array:
+  """The teacher's layer4 of uint8 pool images (split over `data`)."""
+  return _encode(model, api.shard_batch(to_input(images)))["layer4"]
+
+
 def train_step(state, inputs, local_step, *, tx, draw, bn_mode):
   """One episode: B queries with K supports each, one Adam step.
 
@@ -313,21 +318,9 @@ class D24FAD(api.Defaults):
     )
     derive = None
     if config.model.teacher_cache:
-
-      def layer4(model, images):
-        return _encode(model, api.shard_batch(to_input(images)))["layer4"]
-
-      def derive(state, inputs, mesh):
-        return {
-          "pool_layer4": teacher_cache.pool_layer4(
-            state.model(),
-            inputs["pool"],
-            mesh,
-            encode=layer4,
-            chunk=b * (k + 1),  # a step's batch before the cache
-          )
-        }
-
+      # A step's batch before the cache; a smaller pool: B (>= B).
+      chunk = b * (k + 1) if len(data.pools) >= b * (k + 1) else b
+      derive = teacher_cache.derive(_pool_layer4, chunk=chunk)
     return [
       api.Phase(
         "d24fad",

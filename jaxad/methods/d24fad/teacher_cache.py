@@ -16,6 +16,7 @@ to float32 summation order (jaxad.models.block_barrier, cpu_conv).
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -50,12 +51,23 @@ def pool_layer4(
     float32 [N, h, w, D]: row i is image i's features.
 
   Raises:
-    ValueError: fewer than `chunk` pool images.
+    ValueError: fewer than `chunk` pool images, or (before any compute)
+      the result would take over half of a device's memory, where the
+      backend reports it (GPU, TPU; not CPU).
   """
   n = pool.shape[0]
   if n < chunk:
     raise ValueError(f"pool of {n} images, fewer than one chunk ({chunk})")
   shape = jax.eval_shape(encode, model, pool[:chunk])
+  nbytes = n * shape.dtype.itemsize * math.prod(shape.shape[1:])
+  limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+  if limit and nbytes > limit / 2:
+    raise ValueError(
+      f"model.teacher_cache: the teacher's layer4 of the {n} training-pool "
+      f"images takes {nbytes / 1e9:.1f} GB per device, over half of its "
+      f"{limit / 1e9:.1f} GB: set --config.model.teacher_cache=false "
+      "(encode every step) or lower data.max_source_images"
+    )
   replicated = sharding.replicated(mesh)
 
   @functools.partial(
@@ -78,3 +90,16 @@ def pool_layer4(
   for start in sorted({*range(0, n - chunk, chunk), n - chunk}):
     cache = fill(cache, model, pool, jnp.int32(start))
   return cache
+
+
+def derive(encode: Callable[[object, Array], Array], *, chunk: int):
+  """The `api.Phase.derive` adding {"pool_layer4": `pool_layer4` of the
+  inputs' "pool"} (args as there)."""
+
+  def fn(state, inputs: dict, mesh: Mesh) -> dict[str, Array]:
+    layer4 = pool_layer4(
+      state.model(), inputs["pool"], mesh, encode=encode, chunk=chunk
+    )
+    return {"pool_layer4": layer4}
+
+  return fn
