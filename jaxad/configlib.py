@@ -114,6 +114,10 @@ def check_against(
       f"{[(stored.get(k), flat.get(k)) for k in diff]}). Use a new "
       "--workdir, or the same config to resume."
     )
+  for k in changed_keys(stored, flat, ()):  # all allowed: say so
+    logging.info(
+      "%s: %s %r -> %r (allowed)", where, k, stored.get(k), flat.get(k)
+    )
 
 
 def check_workdir(

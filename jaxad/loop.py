@@ -85,10 +85,10 @@ class CompiledPhase:
     derived = place(derived, self.mesh)
     jax.block_until_ready(derived)
     logging.info(
-      "Phase %s: derived %s (%.2f GB per device) in %.1f s",
+      "Phase %s: derived %s (%.1f MB per device) in %.1f s with compiling",
       self.phase.name,
       ", ".join(f"{k} {list(v.shape)}" for k, v in derived.items()),
-      sum(v.nbytes for v in derived.values()) / 1e9,
+      sum(v.nbytes for v in derived.values()) / 1e6,
       time.perf_counter() - start,
     )
     return dataclasses.replace(self, inputs={**self.inputs, **derived})

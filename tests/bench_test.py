@@ -62,6 +62,16 @@ class BenchTest(absltest.TestCase):
     self.assertGreater(result["input_pipeline"]["images_per_s"], 0)
     self.assertIn("member-img/s", out.stdout)
 
+  def test_input_benchmark_skips_a_config_without_data_format(self):
+    from configs import d24fad as d24fad_config
+    from jaxad import bench
+
+    config = d24fad_config.get_config("smoke")  # reads data.sources
+    result = bench.bench_input(
+      config, tempfile.mkdtemp(), synthetic=False, num_images=8
+    )
+    self.assertIn("no data.format", result["skipped"])
+
   def test_step_timing_imports_neither_tfds_nor_grain(self):
     # A GPU image may lack them; only data preparation needs them.
     code = (

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 
+import ml_collections as mlc
 import numpy as np
 from absl.testing import absltest
 from PIL import Image
@@ -99,6 +100,14 @@ class TrainTest(absltest.TestCase):
     bf16.model.compute_dtype = "bfloat16"
     with self.assertRaisesRegex(ValueError, "model.compute_dtype"):
       configlib.check_workdir(bf16, workdir)
+
+  def test_an_allowed_change_on_resume_is_logged(self):
+    config = mlc.ConfigDict({"model": {"teacher_cache": False, "x": 1}})
+    stored = {"model.teacher_cache": True, "model.x": 1}
+    with self.assertLogs("absl", level="INFO") as logs:
+      configlib.check_against(config, stored, ("model.teacher_cache",), "W")
+    self.assertEqual(len(logs.output), 1)
+    self.assertIn("model.teacher_cache True -> False (allowed)", logs.output[0])
 
   def test_refinement_stage_can_be_added_to_a_finished_run(self):
     workdir = self.workdir("refine")

@@ -99,6 +99,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxad import config_checks
+
 Array = jax.Array
 Config = mlc.ConfigDict
 DATA_AXIS = "data"
@@ -342,11 +344,12 @@ class Phase:
 def check_batches(
   num: int, batch_size: int, *, what: str, key: str, minimum: int = 1
 ) -> None:
-  """Raises ValueError unless `num` images fill a batch of `batch_size`
-  (and hold at least `minimum`): named by `what` (e.g. "kermany: known
-  normals") and the config `key` of the batch size."""
+  """Raises ConfigError (a ValueError, printed as one line by the CLI)
+  unless `num` images fill a batch of `batch_size` (and hold at least
+  `minimum`): named by `what` (e.g. "kermany: known normals") and the
+  config `key` of the batch size."""
   if num < max(batch_size, minimum):
-    raise ValueError(
+    raise config_checks.ConfigError(
       f"{what}: {num} images, fewer than one batch (config.{key}="
       f"{batch_size}{f', at least {minimum}' if minimum > 1 else ''})"
     )

@@ -301,7 +301,10 @@ class D24FAD(api.Defaults):
   def phases(self, config: mlc.ConfigDict, data) -> list[api.Phase]:
     b, k = config.train.batch_size, config.data.shots
     api.check_batches(
-      len(data.pools), b, what="training pools", key="train.batch_size"
+      len(data.pools),
+      b,
+      what="training pools (see data.max_source_images)",
+      key="train.batch_size",
     )
     start, size = episodes.source_ranges(data.pool_source)
     draw = functools.partial(
