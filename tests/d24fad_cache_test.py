@@ -108,6 +108,8 @@ def test_the_step_is_the_same_and_encodes_the_queries_only():
 
 
 class _Device:
+  process_index = 0
+
   def __init__(self, limit):
     self.limit = limit
 
@@ -117,7 +119,9 @@ class _Device:
 
 class _Mesh:
   def __init__(self, limit):
-    self.devices = np.array([_Device(limit)])
+    other = _Device(0)  # another process's: never asked
+    other.process_index = 1
+    self.devices = np.array([other, _Device(limit)])
 
 
 def test_a_cache_over_half_the_device_memory_is_refused_before_compute():

@@ -60,7 +60,10 @@ def pool_layer4(
     raise ValueError(f"pool of {n} images, fewer than one chunk ({chunk})")
   shape = jax.eval_shape(encode, model, pool[:chunk])
   nbytes = n * shape.dtype.itemsize * math.prod(shape.shape[1:])
-  limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+  # A device of this process: another's cannot be asked (multi-host).
+  me = jax.process_index()
+  local = [d for d in mesh.devices.flat if d.process_index == me]
+  limit = (local[0].memory_stats() or {}).get("bytes_limit")
   if limit and nbytes > limit / 2:
     raise ValueError(
       f"model.teacher_cache: the teacher's layer4 of the {n} training-pool "
