@@ -23,7 +23,7 @@ from scipy import ndimage
 from configs import multiad as multiad_config
 from jaxad import checkpoint, loop, sharding, train
 from jaxad.data import oneclass
-from jaxad.methods import api, multiad
+from jaxad.methods import multiad, updates
 from jaxad.methods.multiad import METHOD, losses, nets
 from jaxad.models import discriminator, teacher
 
@@ -294,9 +294,8 @@ class StateAndStepTest(absltest.TestCase):
     rng = np.random.default_rng(3)
     kw = nets.resnet_kwargs(self.config, "teacher")
     # Shapes only: nothing is initialised or compiled.
-    template = api.init_net(nnx.eval_shape(lambda: teacher.build(kw, 0)), None)[
-      :2
-    ]
+    shapes = nnx.eval_shape(lambda: teacher.build(kw, 0))
+    template = updates.init_net(shapes, None)[:2]
     values = jax.tree.map(
       lambda v: rng.normal(size=v.shape).astype(np.float32), template
     )

@@ -24,7 +24,8 @@ import optax
 from flax import nnx
 
 from jaxad import config_checks
-from jaxad.methods import api
+from jaxad.data import fewshot_sources
+from jaxad.methods import api, updates
 from jaxad.methods.d24fad import episodes, forward, teacher_cache
 from jaxad.methods.d24fad.learn_to_weight import LearnToWeight
 from jaxad.models import resnet, reverse_decoder, teacher
@@ -128,7 +129,7 @@ def train_step(state, inputs, local_step, *, tx, draw, bn_mode):
   )
   # One Adam over decoder and learn-to-weight, as the original.
   trained = {"decoder": state.params["decoder"], "l2w": state.params["l2w"]}
-  params, opt, loss, aux, gnorm = api.minimize_step(
+  params, opt, loss, aux, gnorm = updates.minimize_step(
     loss_fn, trained, state.opt_state["student"], tx
   )
   state = state.replace(
@@ -156,8 +157,8 @@ class D24FAD(api.Defaults):
         weights, an unknown BN mode, a teacher without bottlenecks, block
         counts the networks refuse, an image size whose features the
         decoder cannot meet, not 3 channels, or a bad data.sources /
-        data.target / shots / support (`fewshot.check_config`), or a source
-        root of the wrong kind.
+        data.target / shots / support (`fewshot_sources.check_config`), or
+        a source root of the wrong kind.
       ConfigPathError: a teacher checkpoint or data.root that does not
         exist.
     """
@@ -210,10 +211,8 @@ class D24FAD(api.Defaults):
         "config.data.channels must be 3: the teacher reads RGB, got "
         f"{config.data.channels}"
       )
-    from jaxad.data import fewshot  # tfds only when data is prepared
-
     # Sources, target, shots: no decoding. Then each entry's root.
-    entries, _ = fewshot.check_config(config.data)
+    entries, _ = fewshot_sources.check_config(config.data)
     for e in entries:
       if e.format in config_checks.LAYOUTS:
         config_checks.check_source(e.data, f"data.sources[{e.name!r}]")
@@ -271,8 +270,8 @@ class D24FAD(api.Defaults):
     @jax.jit
     def init_trained(key):
       k_dec, k_l2w = jax.random.split(key)
-      dec, stats, _ = api.init_net(_decoder(config, k_dec), None)
-      l2w, _, _ = api.init_net(LearnToWeight(rngs=nnx.Rngs(k_l2w)), None)
+      dec, stats, _ = updates.init_net(_decoder(config, k_dec), None)
+      l2w, _, _ = updates.init_net(LearnToWeight(rngs=nnx.Rngs(k_l2w)), None)
       params = {"decoder": dec, "l2w": l2w}
       return params, stats, tx.init(params)
 
@@ -336,7 +335,7 @@ class D24FAD(api.Defaults):
           "pool_source": data.pool_source,
           "start": start,
           "size": size,
-          **api.step_keys(config.seed, 1000),
+          **updates.step_keys(config.seed, 1000),
         },
         derive=derive,
       )

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxad import sharding
 from jaxad.data import resident
-from jaxad.methods import api
+from jaxad.methods import api, updates
 from jaxad.models import autoencoder, layers
 
 Array = jax.Array
@@ -165,7 +165,8 @@ def init(config: mlc.ConfigDict) -> tuple[dict, dict, dict, nnx.GraphDef]:
   tx = optimizer(config)
 
   def init_member(key):
-    params, stats, _ = api.init_net(build_model(config, nnx.Rngs(key)), None)
+    module = build_model(config, nnx.Rngs(key))
+    params, stats, _ = updates.init_net(module, None)
     return params, stats
 
   @jax.jit
@@ -193,7 +194,7 @@ def _member_update(params, stats, opt_state, x, *, graphdef, tx, loss_kw):
     out, attention = model(x, train=True)
     return reconstruction_loss(out, x, attention, **loss_kw), None
 
-  params, stats, opt_state, loss, _, gnorm = api.update_net(
+  params, stats, opt_state, loss, _, gnorm = updates.update_net(
     graphdef, tx, params, stats, opt_state, loss_fn
   )
   return params, stats, opt_state, loss, gnorm

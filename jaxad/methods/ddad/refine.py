@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxad import optim
 from jaxad.data import resident, synthesis
-from jaxad.methods import api
+from jaxad.methods import api, updates
 from jaxad.models import layers, refine
 
 Array = jax.Array
@@ -56,7 +56,7 @@ def graphdef(config: mlc.ConfigDict) -> nnx.GraphDef:
 
 def init(config: mlc.ConfigDict, key: Array) -> tuple:
   """(params, batch_stats, opt_state) of a fresh ASR-Net."""
-  return api.init_net(_asr_net(config, nnx.Rngs(key)), optimizer(config))
+  return updates.init_net(_asr_net(config, nnx.Rngs(key)), optimizer(config))
 
 
 def focal_loss(logits: Array, mask: Array, *, gamma: float = 2.0) -> Array:
@@ -131,7 +131,7 @@ def refine_step(
   def loss_fn(net):
     return jnp.mean(focal_loss(net(net_in, train=True), mask)), None
 
-  state, loss, _, gnorm = api.update(state, "asr", tx, loss_fn)
+  state, loss, _, gnorm = updates.update(state, "asr", tx, loss_fn)
   return state, {"asr_loss": loss, "l2_grads": gnorm}
 
 
@@ -162,5 +162,5 @@ def phase(
     step,
     batch_size=r.batch_size,
     batch_key="refine.batch_size",
-    inputs={"images": images, **api.step_keys(config.seed, 2000)},
+    inputs={"images": images, **updates.step_keys(config.seed, 2000)},
   )

@@ -30,7 +30,7 @@ import optax
 
 from jaxad import config_checks
 from jaxad.data import resident
-from jaxad.methods import api
+from jaxad.methods import api, updates
 from jaxad.methods.multiad import losses, nets
 from jaxad.models import resnet, teacher
 
@@ -134,7 +134,7 @@ def train_step(
     return kd + adv_weight * adv, (kd, adv, s_feats[-1])
 
   # The student's BN statistics of this forward are stored.
-  state, loss, (kd, adv, s4), s_gnorm = api.update(
+  state, loss, (kd, adv, s4), s_gnorm = updates.update(
     state, "student", txs["student"], student_loss
   )
 
@@ -152,7 +152,7 @@ def train_step(
     )
     return loss, (real_logits, fake_logits)
 
-  state, d_loss, (real, fake_logits), d_gnorm = api.update(
+  state, d_loss, (real, fake_logits), d_gnorm = updates.update(
     state, "disc", txs["disc"], disc_loss
   )
   if not adv_weight:  # report the adversarial loss all the same
@@ -277,7 +277,7 @@ class MultiAD(api.Defaults):
         step,
         batch_size=b,
         batch_key="train.batch_size",
-        inputs={"images": data.normal, **api.step_keys(config.seed, 1000)},
+        inputs={"images": data.normal, **updates.step_keys(config.seed, 1000)},
       )
     ]
 

@@ -38,7 +38,7 @@ from flax import nnx
 
 from jaxad import storage
 from jaxad.data import oneclass
-from jaxad.methods import api
+from jaxad.methods import api, updates
 from jaxad.methods.ppad import config_check, frozen_clip, prompts, sas
 from jaxad.models import clip_tokenizer
 
@@ -119,7 +119,7 @@ def train_step(state: api.TrainState, batch, local_step, *, config, tx):
     hit = jnp.argmax(logits, -1) == batch["labels"]
     return loss, {"train_accuracy": hit.mean()}
 
-  state, loss, aux, gnorm = api.update(state, "prompts", tx, loss_fn)
+  state, loss, aux, gnorm = updates.update(state, "prompts", tx, loss_fn)
   return state, {"loss": loss, "l2_grads": gnorm, **aux}
 
 
@@ -233,7 +233,7 @@ class PPAD(api.Defaults):
       )
       learner.ctx.value = jnp.asarray(ctx)
       learner.mask_embedding.value = jnp.asarray(mask)
-    params, stats, opt = api.init_net(
+    params, stats, opt = updates.init_net(
       learner, optimizer(config, _num_steps(config))
     )
     return api.new_state(
