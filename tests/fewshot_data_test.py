@@ -300,6 +300,12 @@ class FewShotTest(absltest.TestCase):
     self.assert_refused(
       FileNotFoundError, "med-kshot/train/good", sources=missing
     )
+    nowhere = [*sources, dict(format="folders", root=f"{self.tmp}/nowhere")]
+    self.assert_refused(
+      FileNotFoundError,
+      r"data\.sources\[4\]\.root not found: .*/nowhere \(entry 'nowhere'\)",
+      sources=nowhere,
+    )
     # A record naming an image that is no training normal of the target.
     path = os.path.join(self.workdir, "split.json")
     record = {

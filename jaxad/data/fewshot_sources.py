@@ -65,12 +65,14 @@ _TYPES = {
 @dataclasses.dataclass(frozen=True)
 class Source:
   """One dataset entry: its name, format, the data config its layout reads
-  (entry keys + shared keys + unlabeled_size=0) and its support root."""
+  (entry keys + shared keys + unlabeled_size=0), its support root, and
+  where the config gives it (for messages, e.g. "data.sources[1]")."""
 
   name: str
   format: str
   data: ml_collections.ConfigDict
   support_root: str = ""
+  where: str = ""
 
 
 def _as_dict(entry: Any, where: str) -> dict[str, Any]:
@@ -130,7 +132,8 @@ def _source(entry: dict[str, Any], where: str, shared: dict) -> Source:
   data = dict(shared, format=fmt, root=root, unlabeled_size=0, **layout)
   if "skip_unreadable" in entry:
     data["skip_unreadable"] = bool(entry["skip_unreadable"])
-  return Source(name, fmt, ml_collections.ConfigDict(data), support_root)
+  config = ml_collections.ConfigDict(data)
+  return Source(name, fmt, config, support_root, where)
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -154,7 +157,8 @@ def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
       an entry listed twice (same name, or same format, root and
       category), an excluded name that is no source, no source left, or
       shots < 1; each names the entry or key.
-    FileNotFoundError: a missing data.root.
+    FileNotFoundError: a missing data.root, or a missing root of an entry
+      that is used (named as in the config, e.g. data.sources[1].root).
   """
   shared = {
     "image_size": int(manifest.get(data, "image_size", 128)),
@@ -216,6 +220,11 @@ def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
     raise DataError(
       f"No source dataset left after data.exclude_sources={list(excluded)}"
     )
+  for e in entries:  # before anything is prepared: name the entry
+    if not os.path.exists(e.data.root):
+      raise FileNotFoundError(
+        f"{e.where}.root not found: {e.data.root} (entry {e.name!r})"
+      )
   t = names.index(target)
   support_root = str(manifest.get(data, "support_root", ""))
   if support_root:  # top-level, so that changing it alone can re-score
