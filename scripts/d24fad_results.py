@@ -15,9 +15,9 @@ paper's setting, and labelled as such in the table).
 """
 
 import argparse
+import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +38,24 @@ def _run(module: str, workdir: str, overrides: list[str], log: str) -> float:
   if done.returncode:
     sys.exit(f"{module} failed (exit {done.returncode}); see {log}")
   return time.perf_counter() - start
+
+
+def eval_json(workdir: str, shots: int, since: float) -> dict:
+  """The eval.json a `jaxad.evaluate` run with `data.shots=shots` wrote
+  after `since` (time.time()): W's own for the trained K, else the one in
+  W/eval_<name>-<hash>/ (another K is other data: jaxad.evaluate never
+  writes it over the run's eval.json). Each folder's eval_config.json
+  records the config it was scored with."""
+  for folder in [workdir, *sorted(glob.glob(os.path.join(workdir, "eval_*")))]:
+    config = os.path.join(folder, "eval_config.json")
+    if not os.path.isfile(config) or os.path.getmtime(config) < since:
+      continue
+    with open(config) as f:
+      if json.load(f)["data"]["shots"] != shots:
+        continue
+    with open(os.path.join(folder, "eval.json")) as f:
+      return json.load(f)
+  sys.exit(f"No eval.json with data.shots={shots} written in {workdir}")
 
 
 def main() -> None:
@@ -66,18 +84,16 @@ def main() -> None:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       steps = json.loads(f.readlines()[-1])["step"]
     for k in (int(k) for k in args.shots.split(",")):
+      since = time.time()
       eval_s = _run(
         "jaxad.evaluate",
         workdir,
         [*common, f"--config.data.shots={k}"],
         os.path.join(args.root, f"{target}.eval{k}.log"),
       )
-      shutil.copy(
-        os.path.join(workdir, "eval.json"),
-        os.path.join(workdir, f"eval_shots{k}.json"),
-      )
-      with open(os.path.join(workdir, "eval.json")) as f:
-        result = json.load(f)
+      result = eval_json(workdir, k, since)
+      with open(os.path.join(workdir, f"eval_shots{k}.json"), "w") as f:
+        json.dump(result, f, indent=2)
       s = result["scores"]["d24fad"]
       rows.append(
         f"| {target} | {SAME_ORIGIN.get(target, '-')} | {k} "
