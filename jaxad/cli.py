@@ -9,7 +9,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxad import config_checks, storage
+from jaxad import config_checks, configlib, storage
 
 # The configs shipped with jaxad: configs/ at the top of the repository,
 # installed as jaxad/configs/ (pyproject.toml maps the one folder into the
@@ -94,6 +94,7 @@ WORKDIR = flags.DEFINE_string(
 USER_ERRORS = (
   config_checks.ConfigError,
   config_checks.ConfigPathError,
+  configlib.ConfigMismatchError,
   storage.UnreachableError,
 )
 

@@ -91,6 +91,12 @@ def changed_keys(
   )
 
 
+class ConfigMismatchError(ValueError):
+  """A config that differs from the run stored in a workdir or checkpoint
+  where it may not (the message names the keys); the CLI prints it as one
+  line."""
+
+
 def check_against(
   config: mlc.ConfigDict,
   stored: dict,
@@ -104,12 +110,13 @@ def check_against(
     where: what holds `stored`, for the message (a workdir, a checkpoint).
 
   Raises:
-    ValueError: naming `where`, the keys and their (stored, new) values.
+    ConfigMismatchError: naming `where`, the keys and their (stored, new)
+      values.
   """
   flat = flatten(config_dict(config))
   diff = changed_keys(stored, flat, allowed)
   if diff:
-    raise ValueError(
+    raise ConfigMismatchError(
       f"{where} holds a run with a different config ({', '.join(diff)}: "
       f"{[(stored.get(k), flat.get(k)) for k in diff]}). Use a new "
       "--workdir, or the same config to resume."
@@ -139,7 +146,8 @@ def check_workdir(
       replaces it, with a warning.
 
   Raises:
-    ValueError: W holds a trained run with another config, naming the keys.
+    ConfigMismatchError: W holds a trained run with another config,
+      naming the keys.
   """
   path = os.path.join(workdir, "config.json")
   if (text := storage.read_text(path)) is not None:

@@ -39,9 +39,10 @@ def trained(config: mlc.ConfigDict, workdir: str):
 
   Raises:
     FileNotFoundError: W has no checkpoint.
-    ValueError: `config` differs from the run's in another key, or has
+    ValueError: `config` differs from the run's in another key, has
       parts the checkpoint lacks (e.g. `refine.enabled=True` on a run
-      trained without refinement).
+      trained without refinement), or data the run makes invalid
+      (`Method.check_scoring_data`).
     checkpoint.UnreadableCheckpointError: no checkpoint in W can be read.
   """
   mesh = sharding.make_mesh(config.mesh)
@@ -74,6 +75,7 @@ def trained(config: mlc.ConfigDict, workdir: str):
     where = f"{directory}/{step} (the run's latest checkpoint)"
     configlib.check_against(config, saved, allowed(saved), where)
   configlib.check_workdir(config, workdir, allowed(stored), write=False)
+  method.check_scoring_data(config, saved if saved is not None else stored)
   ckpt = checkpoint.Checkpointer(directory, read_only=True)
   try:
     # A part of this config the checkpoint lacks was never trained: an

@@ -1,12 +1,17 @@
 """Tests of D²4FAD's episodes and its method object (the model maths are
 golden-checked in d24fad_golden_test.py; end to end: conformance_test)."""
 
+import os
+import shutil
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
 from configs import d24fad as d24fad_config
+from jaxad import config_checks, configlib
 from jaxad.methods import d24fad
 from jaxad.methods.d24fad import episodes, losses
 
@@ -72,6 +77,52 @@ class MethodTest(absltest.TestCase):
     config.model.bn_mode = "batched"
     with self.assertRaisesRegex(ValueError, "bn_mode"):
       d24fad.METHOD.check_config(config)
+
+
+class ScoringDataTest(absltest.TestCase):
+  """`jaxad.evaluate` may score another target, never one trained on."""
+
+  def config(self, target, exclude=""):
+    c = d24fad_config.get_config("offline")
+    c.data.sources = tuple(
+      dict(format="folders", root=os.path.join(self.root, n), name=n)
+      for n in ("a", "b", "c")
+    )
+    c.data.target, c.data.exclude_sources = target, exclude
+    return c
+
+  def setUp(self):
+    super().setUp()
+    self.root = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+    for n in ("a", "b", "c"):
+      os.makedirs(os.path.join(self.root, n))
+    # The run: target a, c excluded, so trained on b only.
+    run = self.config("a", exclude="c")
+    self.trained = configlib.flatten(configlib.config_dict(run))
+
+  def check(self, config):
+    d24fad.METHOD.check_scoring_data(config, self.trained)
+
+  def test_the_run_s_target_and_an_unseen_dataset_may_be_scored(self):
+    self.check(self.config("a", exclude="c"))  # the run's own
+    self.check(self.config("c"))  # excluded from training: never seen
+    self.check(self.config("a"))  # its own target, sources listed anew
+
+  def test_a_training_source_is_refused_naming_the_key(self):
+    with self.assertRaisesRegex(
+      config_checks.ConfigError,
+      r"config\.data\.target='b' was a training source of this run"
+      r" \(sources \['b'\], target 'a'\)",
+    ):
+      self.check(self.config("b"))
+
+  def test_a_run_whose_sources_are_gone_is_refused(self):
+    os.rmdir(os.path.join(self.root, "b"))
+    with self.assertRaisesRegex(
+      config_checks.ConfigError, r"sources cannot be listed.*sources\[1\]"
+    ):
+      self.check(self.config("c"))
 
 
 class LossesTest(absltest.TestCase):

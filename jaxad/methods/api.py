@@ -298,7 +298,8 @@ class EvalData(Protocol):
 class Method(Protocol):
   """A method's `METHOD` object: every member below must exist; `Defaults`
   implements the optional ones (check_config, trains, resumable_changes,
-  rescoring_changes, load_data, synthetic_data, score_context)."""
+  rescoring_changes, check_scoring_data, load_data, synthetic_data,
+  score_context)."""
 
   def check_config(self, config: Config) -> None:
     """Raises `config_checks.ConfigError` / `ConfigPathError` naming the
@@ -316,6 +317,12 @@ class Method(Protocol):
   def rescoring_changes(self) -> tuple[str, ...]:
     """Config-key prefixes `jaxad.evaluate` may change against the trained
     run's config: inputs of scoring, not weights (e.g. a support set)."""
+
+  def check_scoring_data(self, config: Config, trained: dict[str, Any]) -> None:
+    """Refuses scoring data that the trained run makes invalid, before any
+    data is read: `trained` is the run's flattened config (e.g. D²4FAD: a
+    target dataset the run trained on). Raises `config_checks.ConfigError`
+    naming the key (printed as one line)."""
 
   def load_data(self, config: Config, workdir: str) -> EvalData:
     """The run's data (may record its split in the workdir)."""
@@ -384,6 +391,9 @@ class Defaults:
 
   def rescoring_changes(self) -> tuple[str, ...]:
     return ()
+
+  def check_scoring_data(self, config: Config, trained: dict[str, Any]) -> None:
+    del config, trained  # any data.* change is scoring other data
 
   def load_data(self, config: Config, workdir: str) -> EvalData:
     """The one-class data of `config.data` (jaxad.data.oneclass), with

@@ -217,6 +217,35 @@ class D24FAD(api.Defaults):
       if e.format in config_checks.LAYOUTS:
         config_checks.check_source(e.data, f"data.sources[{e.name!r}]")
 
+  def check_scoring_data(self, config, trained) -> None:
+    """Refuses a target the run trained on (one of its sources, METHODS.md
+    §2.1: the target is an unseen dataset); `trained` is the run's
+    flattened config. Another target the run never saw may be scored."""
+    target = str(config.data.target)
+    if not trained or target == trained.get("data.target"):
+      return
+    data = {
+      k[len("data.") :]: v
+      for k, v in trained.items()
+      if k.startswith("data.") and k.count(".") == 1
+    }
+    try:
+      entries, t = fewshot_sources.check_config(mlc.ConfigDict(data))
+    except (ValueError, FileNotFoundError) as e:
+      raise config_checks.ConfigError(
+        f"config.data.target={target!r} differs from the run's, whose"
+        f" training sources cannot be listed ({e}): nothing to check it"
+        " against"
+      ) from e
+    sources = [e.name for i, e in enumerate(entries) if i != t]
+    if target in sources:
+      raise config_checks.ConfigError(
+        f"config.data.target={target!r} was a training source of this run"
+        f" (sources {sources}, target {entries[t].name!r}): scoring it is"
+        " not few-shot on an unseen dataset. Train a run with it as the"
+        " target (data.exclude_sources drops a source from training)"
+      )
+
   def resumable_changes(self, stored) -> tuple[str, ...]:
     del stored
     return ("model.teacher_cache",)  # where layer4 comes from, not what
