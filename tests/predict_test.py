@@ -359,5 +359,28 @@ class PredictTest(absltest.TestCase):
     )
 
 
+class RunDirTest(absltest.TestCase):
+  """A re-score folder W/eval_<name>-<hash>/ is scored with W's checkpoint
+  (jaxad.load(W/eval_...) for D²4FAD with another K, say)."""
+
+  def test_run_dir(self):
+    w = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, w, ignore_errors=True)
+    folder = os.path.join(w, "eval_kermany-0123abcd")
+    os.makedirs(folder)
+    for path in (f"{w}/config.json", f"{folder}/eval_config.json"):
+      pathlib.Path(path).write_text("{}")
+    self.assertEqual(inference.run_dir(w), w)
+    self.assertEqual(inference.run_dir(folder), w)
+    self.assertEqual(inference.run_dir(folder + "/"), w)
+    os.remove(f"{w}/config.json")  # no run above: the folder itself
+    self.assertEqual(inference.run_dir(folder), folder)
+    other = os.path.join(w, "mine")  # not named as jaxad.evaluate names
+    os.makedirs(other)
+    pathlib.Path(f"{other}/eval_config.json").write_text("{}")
+    pathlib.Path(f"{w}/config.json").write_text("{}")
+    self.assertEqual(inference.run_dir(other), other)
+
+
 if __name__ == "__main__":
   absltest.main()
