@@ -221,6 +221,25 @@ class FewShotTest(absltest.TestCase):
     with self.assertLogs("absl", "WARNING") as logs:
       self.load(sources=sources, target="D", allow_duplicates=True)
     self.assertIn("identical to test image test/good/im09", str(logs.output))
+    # A fixed support image with a test image's pixels: refused before any
+    # split record is written, unless duplicates are allowed.
+    write_fixture(w, {"G/train/good": [60, 61], "G/test/good": [63]})
+    write_fixture(
+      w, {"G/test/bad": [64], "med-kshot/G/train/shot2/good2": [60]}
+    )
+    write_image(f"{w}/med-kshot/G/train/shot2/good2/copy.png", 64)
+    leak = [*sources, dict(format="d24fad", root=f"{w}/G")]
+    fresh = os.path.join(w, "fresh")
+    with self.assertRaisesRegex(
+      manifest.DataError,
+      r"Support image G/train/shot2/good2/copy.png of G is identical to"
+      r" test image test/bad/im064.*allow_duplicates=true",
+    ):
+      self.load(fresh, sources=leak, target="G")
+    self.assertFalse(os.path.exists(os.path.join(fresh, "split.json")))
+    with self.assertLogs("absl", "WARNING") as logs:
+      self.load(fresh, sources=leak, target="G", allow_duplicates=True)
+    self.assertIn("copy.png of G is identical", str(logs.output))
     # A source's test split is never decoded: a broken test file there
     # does not stop the run.
     write_fixture(w, {"E/train/good": [1, 2], "E/test/good": [3]})

@@ -203,6 +203,25 @@ def _calibration(builder, names, held, support, support_names):
   )
 
 
+def _check_support_is_no_test_image(support, names, test, target, allow):
+  """Raises DataError when a support image has the pixels of a target
+  test image (a warning with data.allow_duplicates)."""
+  hashes = {
+    hashlib.sha1(x.tobytes()).digest(): n
+    for x, n in zip(test["image"], test["name"], strict=True)
+  }
+  for x, n in zip(support, names, strict=True):
+    if (hit := hashes.get(hashlib.sha1(x.tobytes()).digest())) is None:
+      continue
+    message = f"Support image {n} of {target} is identical to test image {hit}"
+    if not allow:
+      raise DataError(
+        f"{message}: it would score that test image against itself. Remove"
+        f" it from the support folder (or set {leakage.ALLOW_KEY}=true)"
+      )
+    logging.warning("%s (%s=true)", message, leakage.ALLOW_KEY)
+
+
 def load(
   data: Any, workdir: str, calibration_fraction: float = 0.0
 ) -> FewShotData:
@@ -226,7 +245,9 @@ def load(
     needs another image of its source), a target test split without both
     labels, a fixed support folder without exactly K images, a target with
     fewer than K training normals for a draw, a changed support or
-    calibration record, a calibration fraction outside [0, 1).
+    calibration record, a calibration fraction outside [0, 1); after
+    decoding, before any split record is written: a support image
+    identical to a target test image (unless data.allow_duplicates).
   """
   from jaxad.data import builder as builder_lib  # tfds: only to prepare
 
@@ -300,7 +321,6 @@ def load(
       f" ({sorted(left_out)[:5]}); fix or remove them (a skip would move"
       " the support and calibration draws onto other images)"
     )
-  pending.write()
   cap = int(manifest.get(data, "max_source_images", 0))
   pools, ids = [], []
   for i, b in enumerate(builders):
@@ -323,20 +343,13 @@ def load(
   calibration, calibration_names = _calibration(
     builders[t], target_names, held, support, support_names
   )
-  # A support identical to a test image (a duplicate across splits) would
-  # score that test image against itself.
-  hashes = {
-    hashlib.sha1(x.tobytes()).digest(): n
-    for x, n in zip(test["image"], test["name"], strict=True)
-  }
-  for x, n in zip(support, support_names, strict=True):
-    if (hit := hashes.get(hashlib.sha1(x.tobytes()).digest())) is not None:
-      logging.warning(
-        "Support image %s of %s is identical to test image %s",
-        n,
-        target.name,
-        hit,
-      )
+  # A support identical to a test image (a duplicate across splits; a
+  # fixed support folder is not among leakage's files) would score that
+  # test image against itself.
+  _check_support_is_no_test_image(
+    support, support_names, test, target.name, leakage.allowed(data)
+  )
+  pending.write()  # everything is checked: the split records
   out = FewShotData(
     name=target.name,
     pools=np.concatenate(pools),
