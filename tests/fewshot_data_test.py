@@ -296,6 +296,17 @@ class FewShotTest(absltest.TestCase):
     self.assert_refused(err, "No source dataset left", exclude_sources="A,B,F")
     self.assert_refused(err, "support='any'", support="any")
     self.assert_refused(
+      FileNotFoundError,
+      "data.support_root not found: .*/no-kshot",
+      support_root=f"{self.tmp}/no-kshot",
+    )
+    typo = [*sources[:3], dict(sources[3], support_root=f"{self.tmp}/nope")]
+    self.assert_refused(
+      FileNotFoundError,
+      r"data.sources\[3\].support_root not found",
+      sources=typo,
+    )
+    self.assert_refused(
       err, "'B'.*3 training normals.*shots=4", target="B", shots=4
     )
 

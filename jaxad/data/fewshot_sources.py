@@ -124,7 +124,7 @@ def _source(entry: dict[str, Any], where: str, shared: dict) -> Source:
     raise DataError(f"{where}: invalid name {name!r} (a folder name)")
   support_root = str(entry.get("support_root") or "")
   if support_root:
-    support_root = os.path.abspath(os.path.expanduser(support_root))
+    support_root = _support_dir(support_root, f"{where}.support_root")
   elif fmt == d24fad_layout.FORMAT:
     kshot = os.path.join(os.path.dirname(root), d24fad_layout.KSHOT)
     support_root = kshot if os.path.isdir(kshot) else ""
@@ -134,6 +134,15 @@ def _source(entry: dict[str, Any], where: str, shared: dict) -> Source:
     data["skip_unreadable"] = bool(entry["skip_unreadable"])
   config = ml_collections.ConfigDict(data)
   return Source(name, fmt, config, support_root, where)
+
+
+def _support_dir(path: str, key: str) -> str:
+  """An explicitly set support root, absolute; it must be a folder (one
+  that is set but missing is a typo, not "draw the supports")."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{key} not found: {path} (not a folder)")
+  return path
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -157,8 +166,9 @@ def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
       an entry listed twice (same name, or same format, root and
       category), an excluded name that is no source, no source left, or
       shots < 1; each names the entry or key.
-    FileNotFoundError: a missing data.root, or a missing root of an entry
-      that is used (named as in the config, e.g. data.sources[1].root).
+    FileNotFoundError: a missing data.root, a missing root of an entry
+      that is used (named as in the config, e.g. data.sources[1].root), or
+      a support_root that is set but is no folder.
   """
   shared = {
     "image_size": int(manifest.get(data, "image_size", 128)),
@@ -228,6 +238,6 @@ def check_config(data: Any) -> tuple[tuple[Source, ...], int]:
   t = names.index(target)
   support_root = str(manifest.get(data, "support_root", ""))
   if support_root:  # top-level, so that changing it alone can re-score
-    support_root = os.path.abspath(os.path.expanduser(support_root))
+    support_root = _support_dir(support_root, "data.support_root")
     entries[t] = dataclasses.replace(entries[t], support_root=support_root)
   return tuple(entries), t
