@@ -6,7 +6,7 @@ import logging as logging_std
 import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxad import config_checks, configlib, storage
@@ -121,6 +121,26 @@ def user_errors(*extra: type[BaseException]):
     # One line: the messages name the key or file and what is allowed.
     message = " ".join(str(e).split("\n"))
     print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (`app.run`'s `flags_parser`), with a misspelt
+  `--config.<key>=...` override printed as one line naming the key and
+  the closest one, exit 2 (ml_collections raises it as an AttributeError
+  while parsing, before `main` could catch it)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    # e.g. '\'shotz\'\nDid you mean "shots" instead of "shotz"?'
+    key, _, hint = str(e).replace("\\n", " ").replace("'", "").partition(" ")
+    key = key.strip('\\"')
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    print(
+      f"error: unknown config key {key!r} in {overrides}. {hint}".strip(),
+      file=sys.stderr,
+      flush=True,
+    )
     sys.exit(2)
 
 

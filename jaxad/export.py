@@ -348,4 +348,4 @@ if __name__ == "__main__":
     "Export this batch size only (default: a symbolic batch, any size).",
   )
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

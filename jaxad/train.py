@@ -179,4 +179,4 @@ def main(argv):
 if __name__ == "__main__":
   flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -36,4 +36,4 @@ if __name__ == "__main__":
     )
   flags.adopt_module_key_flags(cli)
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(train.main)
+  app.run(train.main, flags_parser=cli.parse_flags)

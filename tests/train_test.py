@@ -203,8 +203,13 @@ class CommandLineTest(absltest.TestCase):
       "--workdir",
       self.tempdir(),
     )
-    self.assertNotEqual(out.returncode, 0)
-    self.assertIn("epochz", out.stderr)
+    self.assertEqual(out.returncode, 2)  # one line, no traceback
+    self.assertEqual(
+      out.stderr.strip().splitlines()[-1],
+      "error: unknown config key 'epochz' in ['--config.epochz']. Did you"
+      ' mean "epochs" instead of "epochz"?',
+    )
+    self.assertNotIn("Traceback", out.stderr)
 
   def test_help_lists_the_shared_flags(self):
     out = run_cli("--help")  # absl exits with 1 after printing the usage
