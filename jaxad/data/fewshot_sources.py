@@ -109,8 +109,8 @@ def _source(entry: dict[str, Any], where: str, shared: dict) -> Source:
   if unknown:
     raise DataError(
       f"{where}: unknown key(s) {unknown} for format {fmt!r}; valid keys:"
-      f" {list(allowed)} (image_size, channels, cache_dir and split_seed"
-      " are shared: set them on data)"
+      f" {list(allowed)} (image_size, channels and cache_dir are shared:"
+      " set them on data; split_seed defaults to data.split_seed)"
     )
   if not entry.get("root"):
     raise DataError(f"{where}: 'root' is empty")
