@@ -195,6 +195,9 @@ def other_data_keys(config: mlc.ConfigDict, stored: dict) -> tuple[str, ...]:
   )
 
 
+EVAL_DIR_PREFIX = "eval_"
+
+
 def eval_dir_name(config: mlc.ConfigDict) -> str:
   """'eval_<data name>-<hash>': a folder for results on other data, named
   after data.root's (or data.target's) base name and the first 8 hex
@@ -206,7 +209,7 @@ def eval_dir_name(config: mlc.ConfigDict) -> str:
   name = os.path.basename(str(data.get("root", "")).rstrip("/"))
   name = name or str(data.get("target", "")) or str(data.get("format", ""))
   name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "data"
-  return f"eval_{name}-{digest.hexdigest()[:8]}"
+  return f"{EVAL_DIR_PREFIX}{name}-{digest.hexdigest()[:8]}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

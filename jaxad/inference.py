@@ -405,24 +405,6 @@ def input_contract(size: int, channels: int) -> dict:
   }
 
 
-def run_dir(workdir: str) -> str:
-  """The trained run a results folder belongs to: `workdir` itself, or W
-  for a re-score folder W/eval_<name>-<hash>/ (`jaxad.evaluate`'s results
-  on other data than the run's, e.g. D²4FAD with another K: it holds
-  eval_config.json, eval.json and split.json, but no config.json or
-  checkpoint of its own)."""
-  workdir = workdir.rstrip("/") or workdir
-  parent = os.path.dirname(workdir)
-  if (
-    os.path.basename(workdir).startswith("eval_")
-    and storage.read_text(os.path.join(workdir, "config.json")) is None
-    and storage.read_text(os.path.join(workdir, evaluate.EVAL_CONFIG))
-    and storage.read_text(os.path.join(parent, "config.json"))
-  ):
-    return parent
-  return workdir
-
-
 def load(
   workdir: str,
   *,
@@ -440,9 +422,7 @@ def load(
 
   Args:
     workdir: the `--workdir` of `python -m jaxad.train`, or a re-score
-      folder W/eval_<name>-<hash>/ of `jaxad.evaluate` (`run_dir`): its
-      config, thresholds and data (e.g. D²4FAD's K supports) with W's
-      checkpoint.
+      folder W/eval_<name>-<hash>/ in it (`restore.run_dir`).
     batch_size: images per jitted call; default the run's eval.batch_size.
       The last batch of a call is padded to it (one compiled program).
     mesh_data: devices to split batches over; -1 = all local devices.
@@ -466,6 +446,6 @@ def load(
       f" the {n} devices (mesh_data={mesh_data}); pass batch_size="
       f"{-(-max(config.eval.batch_size, 1) // n) * n} or mesh_data=1"
     )
-  method, model, mesh = restore.trained(config, run_dir(workdir))
+  method, model, mesh = restore.trained(config, restore.run_dir(workdir))
   data = _LazyData(method, config, workdir)
   return TrainedModel(workdir, config, method, model, mesh, data)

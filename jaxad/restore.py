@@ -28,6 +28,22 @@ def output_dir(config: mlc.ConfigDict, workdir: str) -> str:
   return os.path.join(workdir, configlib.eval_dir_name(config))
 
 
+def run_dir(folder: str) -> str:
+  """The trained run a results folder belongs to (the inverse of
+  `output_dir`): `folder` itself, or W for a re-score folder
+  W/eval_<name>-<hash>/, which holds an evaluation's config, eval.json and
+  data records but no config.json or checkpoint of its own."""
+  folder = folder.rstrip("/") or folder
+  parent = os.path.dirname(folder)
+  if (
+    os.path.basename(folder).startswith(configlib.EVAL_DIR_PREFIX)
+    and not configlib.stored_config(folder)
+    and configlib.stored_config(parent)
+  ):
+    return parent
+  return folder
+
+
 def trained(config: mlc.ConfigDict, workdir: str):
   """The method, its trained `Model` from W's latest checkpoint, the mesh.
 

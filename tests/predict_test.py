@@ -21,7 +21,7 @@ from PIL import Image
 
 import jaxad
 from configs import ddad as ddad_config
-from jaxad import inference, predict, train
+from jaxad import inference, predict, restore, train
 from jaxad.data import npz_layouts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -369,17 +369,17 @@ class RunDirTest(absltest.TestCase):
     folder = os.path.join(w, "eval_kermany-0123abcd")
     os.makedirs(folder)
     for path in (f"{w}/config.json", f"{folder}/eval_config.json"):
-      pathlib.Path(path).write_text("{}")
-    self.assertEqual(inference.run_dir(w), w)
-    self.assertEqual(inference.run_dir(folder), w)
-    self.assertEqual(inference.run_dir(folder + "/"), w)
+      pathlib.Path(path).write_text('{"seed": 0}')
+    self.assertEqual(restore.run_dir(w), w)
+    self.assertEqual(restore.run_dir(folder), w)
+    self.assertEqual(restore.run_dir(folder + "/"), w)
     os.remove(f"{w}/config.json")  # no run above: the folder itself
-    self.assertEqual(inference.run_dir(folder), folder)
+    self.assertEqual(restore.run_dir(folder), folder)
     other = os.path.join(w, "mine")  # not named as jaxad.evaluate names
     os.makedirs(other)
-    pathlib.Path(f"{other}/eval_config.json").write_text("{}")
-    pathlib.Path(f"{w}/config.json").write_text("{}")
-    self.assertEqual(inference.run_dir(other), other)
+    pathlib.Path(f"{other}/eval_config.json").write_text('{"seed": 0}')
+    pathlib.Path(f"{w}/config.json").write_text('{"seed": 0}')
+    self.assertEqual(restore.run_dir(other), other)
 
 
 if __name__ == "__main__":
